@@ -1,0 +1,319 @@
+"""Typed run configuration: one YAML file, validated at load time.
+
+Sections: model, data, method, train, eval, output. Every field carries a one-line help (its `description`).
+An unknown or mistyped key is an error naming its dotted path and the closest valid key; `--set a.b=c`
+overrides any key; `resolved_yaml()` is what a run directory stores.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for a person: the file, the dotted path, what was expected."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        description="Base model: a local directory, a hub id, or a known id that tunesmith can build locally.",
+    )
+    gguf_file: str | None = Field(None, description="Load from this GGUF file inside name_or_path (dequantized).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto = float32 on CPU, bfloat16 on GPUs that support it."
+    )
+    trust_remote_code: bool = Field(False, description="Allow the model repository's own Python code to run.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel; None lets transformers choose."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- data
+class DataConfig(Section):
+    train: list[str] = Field(default_factory=list, description="Training files (JSONL/JSON/CSV/Parquet).")
+    validation: list[str] = Field(default_factory=list, description="Validation files; empty = split from train.")
+    test: list[str] = Field(default_factory=list, description="Test files used by `eval` after training.")
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "chatml"] = Field(
+        "auto", description="Record format; auto detects it per file."
+    )
+    validation_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Share of train held out for validation when no validation file is given."
+    )
+    max_seq_len: int = Field(512, gt=8, description="Token budget per training sequence.")
+    truncation: Literal["error", "truncate", "drop"] = Field(
+        "truncate", description="What to do with an example longer than max_seq_len; every case is counted."
+    )
+    packing: bool = Field(True, description="Pack several examples per sequence (no cross-example attention).")
+    system_prompt: str | None = Field(None, description="System prompt added to records that have none.")
+    max_train_examples: int | None = Field(None, gt=0, description="Use only the first N training examples.")
+    prepare: bool = Field(False, description="Run `tunesmith data prepare` (validate, dedup, screen) first.")
+
+
+# -------------------------------------------------------------------------------------------- method
+class LoraOptions(Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names, a regex string, or 'all-linear'."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    init: Literal["gaussian", "kaiming"] = Field("kaiming", description="Initialisation of A (B starts at zero).")
+    modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained in full and saved.")
+
+
+class QuantOptions(Section):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants again (blocks of 256).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype of the dequantized matmul; auto = bf16 where native, else fp32."
+    )
+    backend: Literal["bitsandbytes", "torchao"] = Field("bitsandbytes", description="Quantization library.")
+
+
+class FullOptions(Section):
+    freeze_embeddings: bool = Field(False, description="Keep the input embeddings (and a tied head) frozen.")
+    freeze_first_layers: int = Field(0, ge=0, description="Keep the first k transformer layers frozen.")
+
+
+class PrefixOptions(Section):
+    num_virtual_tokens: int = Field(20, gt=0, description="Virtual tokens per layer (key and value).")
+    projection: bool = Field(False, description="Reparameterise the prefix through an MLP during training.")
+    projection_hidden: int = Field(512, gt=0, description="Hidden size of the reparameterisation MLP.")
+
+
+class PromptOptions(Section):
+    num_virtual_tokens: int = Field(20, gt=0, description="Soft-prompt length.")
+    init: Literal["random", "text"] = Field("random", description="Initialise randomly or from a text's embeddings.")
+    init_text: str | None = Field(None, description="Text whose token embeddings initialise the soft prompt.")
+
+
+class AdapterOptions(Section):
+    reduction_factor: int = Field(16, gt=0, description="Bottleneck width m = hidden / reduction_factor.")
+    placement: Literal["serial", "parallel"] = Field(
+        "serial", description="serial: after attention and FFN (Houlsby); parallel: beside them (He et al.)."
+    )
+    nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="Bottleneck activation.")
+    scaling: float = Field(1.0, description="Scale of the adapter output (parallel adapters often use 4.0).")
+
+
+class MethodConfig(Section):
+    name: Literal["lora", "qlora", "full", "prefix", "prompt", "adapters"] = Field(
+        "lora", description="Fine-tuning method."
+    )
+    lora: LoraOptions = Field(default_factory=LoraOptions, description="LoRA (and QLoRA) options.")
+    quant: QuantOptions = Field(default_factory=QuantOptions, description="QLoRA quantization options.")
+    full: FullOptions = Field(default_factory=FullOptions, description="Full fine-tuning options.")
+    prefix: PrefixOptions = Field(default_factory=PrefixOptions, description="Prefix-tuning options.")
+    prompt: PromptOptions = Field(default_factory=PromptOptions, description="Prompt-tuning options.")
+    adapters: AdapterOptions = Field(default_factory=AdapterOptions, description="Bottleneck adapter options.")
+
+
+# --------------------------------------------------------------------------------------------- train
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warm-up.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a share of the peak rate.")
+    batch_size: int = Field(4, gt=0, description="Sequences per micro-batch (per process).")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, description="AdamW beta2.")
+    max_grad_norm: float | None = Field(1.0, description="Clip the gradient norm; None disables clipping.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field("adamw", description="Optimizer.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 only where the hardware runs it natively, else fp32."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (None = once per epoch end).")
+    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (None = at evaluations).")
+    logging_steps: int = Field(1, gt=0, description="Log the training loss every N steps.")
+    save_total_limit: int = Field(2, gt=0, description="Keep at most N recent checkpoints (plus the best).")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after N evaluations without a better eval loss."
+    )
+    early_stopping_threshold: float = Field(0.0, ge=0, description="Smallest eval-loss drop that counts as better.")
+    load_best_at_end: bool = Field(True, description="Finish with the checkpoint of lowest eval loss.")
+    seed: int = Field(0, description="Seed for data order, initialisation and dropout.")
+    show_progress: bool = Field(True, description="Show a progress bar.")
+
+
+# ---------------------------------------------------------------------------------------------- eval
+class EvalConfig(Section):
+    metrics: list[str] = Field(
+        default_factory=lambda: ["exact_match", "json_valid", "field_f1", "hallucination_rate"],
+        description="Task metrics computed on generated outputs.",
+    )
+    max_new_tokens: int = Field(128, gt=0, description="Generation budget per example.")
+    batch_size: int = Field(16, gt=0, description="Prompts per generation batch.")
+    max_examples: int | None = Field(None, gt=0, description="Evaluate only the first N examples (named in output).")
+    compare_base: bool = Field(False, description="Also evaluate the base model (before/after table).")
+    splits: dict[str, list[str]] = Field(
+        default_factory=dict, description="Extra named evaluation sets, e.g. {ood: [ood.jsonl]}."
+    )
+    forgetting: bool = Field(False, description="Measure drift/retention against the base model after training.")
+
+
+# -------------------------------------------------------------------------------------------- output
+class OutputConfig(Section):
+    dir: str = Field("runs", description="Parent folder of run directories.")
+    name: str | None = Field(None, description="Run name (default: derived from the config file name).")
+    overwrite: bool = Field(False, description="Replace an existing run directory of the same name.")
+    register_run: bool = Field(True, description="Record the run in the registry when training finishes.")
+    registry_url: str | None = Field(None, description="Registry location (SQLAlchemy URL or folder).")
+
+
+class RunConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Datasets.")
+    method: MethodConfig = Field(default_factory=MethodConfig, description="Fine-tuning method.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+
+
+# ------------------------------------------------------------------------------------------- loading
+def _field_names(model_cls: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+    """Valid keys at `path` (the parent of an offending key), walking nested section models."""
+    cls: Any = model_cls
+    for part in path:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        cls = field.annotation
+    return list(getattr(cls, "model_fields", {}).keys())
+
+
+def _explain(error: ValidationError, source: str) -> ConfigError:
+    lines = [f"{source}: invalid configuration"]
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        if item["type"] == "extra_forbidden":
+            valid = _field_names(RunConfig, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f" — did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+            lines.append(f"  {dotted}: unknown key{hint} (valid here: {', '.join(valid)})")
+        else:
+            got = item.get("input")
+            got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {dotted}: {item['msg']}{got_text}")
+    return ConfigError("\n".join(lines))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` → (['a', 'b'], value parsed as YAML, so numbers, booleans and lists work)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.learning_rate=1e-4")
+    key, _, raw = text.partition("=")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and _looks_like_float(raw):
+        value = float(raw)  # YAML 1.1 reads '1e-4' as a string
+    return key.strip().split("."), value
+
+
+def _looks_like_float(raw: str) -> bool:
+    try:
+        float(raw)
+        return True
+    except ValueError:
+        return False
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: '{key}' is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def _fix_yaml_floats(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _fix_yaml_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_yaml_floats(v) for v in node]
+    if isinstance(node, str) and _looks_like_float(node) and any(c in node for c in "eE") and node[0] in "0123456789.-+":
+        return float(node)
+    return node
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply `--set` overrides, validate. Relative data paths resolve against the file."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: config file not found") from exc
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, method, ...)")
+        data = loaded
+    data = apply_overrides(_fix_yaml_floats(data), overrides or [])
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _explain(exc, source) from None
+    if path is not None:
+        _resolve_paths(config, Path(path).resolve().parent)
+        if config.output.name is None:
+            config.output.name = Path(path).stem
+    return config
+
+
+def _resolve_paths(config: RunConfig, base: Path) -> None:
+    def fix(paths: list[str]) -> list[str]:
+        return [p if Path(p).is_absolute() or not (base / p).exists() else str((base / p).resolve()) for p in paths]
+
+    config.data.train = fix(config.data.train)
+    config.data.validation = fix(config.data.validation)
+    config.data.test = fix(config.data.test)
+    config.eval.splits = {k: fix(v) for k, v in config.eval.splits.items()}
+
+
+def resolved_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def config_help(cls: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """One line per key: dotted path, default and help (printed by `tunesmith config --help-keys`)."""
+    lines = []
+    for name, field in cls.model_fields.items():
+        dotted = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.extend(config_help(ann, dotted + "."))
+        else:
+            default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+            lines.append(f"{dotted} = {default!r}  # {field.description}")
+    return lines

@@ -1,0 +1,1 @@
+"""Datasets: formats, validation, deduplication, quality screening, splitting, rendering with masks, packing."""
