@@ -58,6 +58,7 @@ class DataConfig(Section):
     packing: bool = Field(True, description="Pack several examples per sequence (no cross-example attention).")
     system_prompt: str | None = Field(None, description="System prompt added to records that have none.")
     max_train_examples: int | None = Field(None, gt=0, description="Use only the first N training examples.")
+    max_validation_examples: int | None = Field(None, gt=0, description="Use only the first N validation examples.")
     prepare: bool = Field(False, description="Run `tunesmith data prepare` (validate, dedup, screen) first.")
 
 
@@ -100,6 +101,9 @@ class PromptOptions(Section):
     num_virtual_tokens: int = Field(20, gt=0, description="Soft-prompt length.")
     init: Literal["random", "text"] = Field("random", description="Initialise randomly or from a text's embeddings.")
     init_text: str | None = Field(None, description="Text whose token embeddings initialise the soft prompt.")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer (path or id) for init_text; None = the base model's own path."
+    )
 
 
 class AdapterOptions(Section):
@@ -161,6 +165,9 @@ class EvalConfig(Section):
         default_factory=lambda: ["exact_match", "json_valid", "field_f1", "hallucination_rate"],
         description="Task metrics computed on generated outputs.",
     )
+    metric_options: dict[str, Any] = Field(
+        default_factory=dict, description="Options passed to the metrics, e.g. {closed_fields: [clause_type]}."
+    )
     max_new_tokens: int = Field(128, gt=0, description="Generation budget per example.")
     batch_size: int = Field(16, gt=0, description="Prompts per generation batch.")
     max_examples: int | None = Field(None, gt=0, description="Evaluate only the first N examples (named in output).")
@@ -168,7 +175,11 @@ class EvalConfig(Section):
     splits: dict[str, list[str]] = Field(
         default_factory=dict, description="Extra named evaluation sets, e.g. {ood: [ood.jsonl]}."
     )
-    forgetting: bool = Field(False, description="Measure drift/retention against the base model after training.")
+    forgetting: bool = Field(False, description="Measure drift/retention against the base model at each evaluation.")
+    forgetting_max_prompts: int = Field(64, gt=0, description="General prompts used by the cheap forgetting measures.")
+    retention_threshold: float | None = Field(
+        None, gt=0, le=1, description="Stop training when probe retention (tuned/base) falls below this."
+    )
 
 
 # -------------------------------------------------------------------------------------------- output

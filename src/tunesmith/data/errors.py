@@ -1,0 +1,5 @@
+"""Errors of the data tools that the CLI turns into `error: ...` lines (kept import-light for `tunesmith --help`)."""
+
+
+class PrepareError(ValueError):
+    """A bad option or option combination for `data check/prepare`, phrased with the flag to change."""

@@ -1,0 +1,1 @@
+"""Evaluation: batched generation, task metrics, forgetting measures, loss-curve diagnosis and reports."""

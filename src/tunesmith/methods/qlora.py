@@ -1,0 +1,150 @@
+"""QLoRA (Dettmers et al., 2023): LoRA on a base quantized to 4-bit NormalFloat, through bitsandbytes + peft.
+
+Storage per quantized weight matrix with n weights, block size 64 (constants' second level in blocks of 256):
+    4 bits per weight (two per byte)
+    + absmax constants: 32 bits per 64 weights = 0.5 bit/param, or with double quantization
+      8 bits per 64 weights + 32 bits per 64*256 weights = 0.127 bit/param (paper section 3)
+Compute: each matmul dequantizes its block to the compute dtype (bf16 where the hardware runs it natively, fp32
+otherwise: see models/hardware.py) and adds the LoRA path x A^T B^T * alpha/r in that dtype.
+`prepare_model_for_kbit_training` casts the remaining small parameters (norms) to fp32 and makes the input
+embeddings' output require grad, so gradients reach the adapters through the frozen quantized stack.
+
+Merging cannot add B A into 4-bit weights without a second rounding, so `merge` dequantizes the base to the compute
+dtype first and merges LoRA into that plain model; the merged model is NOT the model that was trained (that one
+had the quantization error), and tunesmith merge reports the logit difference between the two.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from peft import (
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
+from torch import nn
+
+from tunesmith.config import MethodConfig
+from tunesmith.methods.base import MethodError
+from tunesmith.methods.lora import LoraMethod, lora_config
+from tunesmith.models.hardware import bf16_is_native, default_device
+
+BLOCK_SIZE = 64  # bitsandbytes' 4-bit block size
+CONSTANT_BLOCK_SIZE = 256  # second-level blocks of double quantization
+
+
+def compute_dtype(config: MethodConfig, device: torch.device | None = None) -> torch.dtype:
+    """auto → bf16 where the hardware runs it natively, else fp32 (never bf16 emulation: 10-30x slower here)."""
+    requested = config.quant.compute_dtype
+    if requested == "auto":
+        return torch.bfloat16 if bf16_is_native(device or default_device()) else torch.float32
+    return getattr(torch, requested)
+
+
+def constant_bits_per_param(double_quant: bool = True, block: int = BLOCK_SIZE, block2: int = CONSTANT_BLOCK_SIZE) -> float:
+    """Quantization-constant overhead: 32/block, or with double quantization 8/block + 32/(block*block2)."""
+    return 8 / block + 32 / (block * block2) if double_quant else 32 / block
+
+
+def quantized_weight_bytes(params: int, double_quant: bool = True) -> float:
+    """Bytes of `params` 4-bit weights with their constants (the planner's closed form): params * (4 + c) / 8."""
+    return params * (4 + constant_bits_per_param(double_quant)) / 8
+
+
+def quantized_base_report(model: nn.Module) -> dict[str, Any]:
+    """Measure what the loaded quantized base holds: bytes, quantized params, per-block constants in bits/param.
+
+    total_bytes = packed 4-bit weights + per-block constants (absmax, second-level absmax, offset) + lookup tables
+    (16-entry NF4 code, 256-entry second-level code per matrix) + every unquantized tensor (embeddings, norms).
+    """
+    import bitsandbytes as bnb
+
+    quantized = packed = constants = tables = 0
+    quantized_ids: set[int] = set()
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        weight = module.weight
+        state = weight.quant_state
+        if state is None:
+            continue
+        quantized_ids.add(id(weight))
+        quantized += state.shape.numel()
+        packed += weight.numel() * weight.element_size()
+        constants += state.absmax.numel() * state.absmax.element_size()
+        tables += state.code.numel() * state.code.element_size()
+        if state.nested:
+            constants += state.state2.absmax.numel() * state.state2.absmax.element_size() + 4  # + fp32 offset
+            tables += state.state2.code.numel() * state.state2.code.element_size()
+    if not quantized:
+        raise MethodError("no 4-bit layers found: the model was not loaded through qlora's base_load_kwargs")
+    other = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in quantized_ids)
+    other += sum(b.numel() * b.element_size() for b in model.buffers())
+    return {
+        "quantized_params": quantized,
+        "packed_weight_bytes": packed,
+        "constant_bytes": constants,
+        "lookup_table_bytes": tables,
+        "unquantized_bytes": other,
+        "total_bytes": packed + constants + tables + other,
+        "constant_bits_per_param": 8 * constants / quantized,
+        "bits_per_quantized_param": 8 * (packed + constants) / quantized,
+    }
+
+
+class QLoraMethod(LoraMethod):
+    name = "qlora"
+    can_merge = True
+
+    def base_load_kwargs(self, config: MethodConfig) -> dict[str, Any]:
+        options = config.quant
+        if options.backend != "bitsandbytes":
+            raise MethodError(
+                f"method.quant.backend: {options.backend!r} is not wired into tunesmith (only bitsandbytes is); "
+                "set method.quant.backend: bitsandbytes"
+            )
+        from transformers import BitsAndBytesConfig
+
+        device = default_device()
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=options.quant_type,
+            bnb_4bit_use_double_quant=options.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype(config, device),
+        )
+        return {"quantization_config": quantization, "device_map": {"": 0} if device.type == "cuda" else "cpu"}
+
+    def apply(self, model: nn.Module, config: MethodConfig) -> nn.Module:
+        if getattr(model, "hf_quantizer", None) is None:
+            raise MethodError("qlora: the base is not quantized; load it with METHOD.base_load_kwargs(config)")
+        # Gradient checkpointing is the trainer's choice (enable_gradient_checkpointing), not switched on here.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return get_peft_model(model, lora_config(config))
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Dequantize the base to its compute dtype, then merge LoRA into the plain weights (see module doc)."""
+        if not isinstance(model, PeftModel):
+            raise MethodError("this model has no LoRA layers to merge (already merged?)")
+        adapter = model.active_adapter
+        peft_config = copy.deepcopy(model.peft_config[adapter])
+        state = get_peft_model_state_dict(model, adapter_name=adapter)
+        base = model.unload()  # removes the LoRA layers, keeps the 4-bit base
+        quantizer = getattr(base, "hf_quantizer", None)
+        if quantizer is None:
+            raise MethodError("qlora merge: the base has no quantizer to dequantize with")
+        dtype = quantizer.quantization_config.bnb_4bit_compute_dtype
+        base = base.dequantize(dtype=dtype)
+        if hasattr(base.config, "quantization_config"):
+            del base.config.quantization_config  # the merged folder is a plain model
+        plain = get_peft_model(base, peft_config)
+        set_peft_model_state_dict(plain, state)
+        with torch.no_grad():
+            return plain.merge_and_unload(safe_merge=True)
+
+
+METHOD = QLoraMethod()

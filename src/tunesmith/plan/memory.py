@@ -1,0 +1,161 @@
+"""Memory estimate of a training step per method: a breakdown in bytes, the peak, and GPUs needed.
+
+Terms (P = all parameters, T = trainable parameters):
+    weights      frozen base weights by dtype: P_frozen * bytes (fp32 4, bf16/fp16 2); QLoRA: the decoder's Linear
+                 weights in NF4 at 0.5 byte + quantization constants (32-bit absmax per 64 weights = 0.5 bit;
+                 double quantization: 8-bit absmax per 64 + 32 bits per 256 of those = 8/64 + 32/(64*256) bit),
+                 everything else (embeddings, norms, lm_head, biases) in 16-bit
+    trainable    T * bytes: adapters (LoRA, prefix, prompt, bottleneck) live in fp32 (peft upcasts them); full
+                 fine-tuning trains the weights in their own dtype
+    gradients    T * the trainable dtype's bytes
+    master       fp32 master copy (4 bytes * T) under mixed precision when the trained weights are 16-bit
+    optimizer    AdamW: two fp32 moments = 8 bytes * T; 8-bit AdamW (bitsandbytes): 2 bytes * T; paged 8-bit: the
+                 same bytes, but pages can move to CPU memory under pressure
+    activations  activations.py: saved tensors + logits buffers (+ one recomputed layer under checkpointing)
+    overhead     framework: CUDA context and kernels (GPU), allocator and runtime scratch (CPU)
+
+Peak (one micro-batch, gradients set to None after each step, as tunesmith's loop does):
+    peak = weights + trainable + master + optimizer + overhead
+           + max(activations + head gradient,   # start of backward: all saved tensors + first gradients
+                 gradients + step temporaries)  # optimizer step: all gradients + AdamW scratch
+With gradient accumulation the gradients live through the next forward pass, so they are added instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from tunesmith.config import MethodConfig
+from tunesmith.models.facts import ModelFacts
+from tunesmith.plan.activations import activation_estimate
+from tunesmith.plan.counts import trainable_params
+
+GiB = 1024**3
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+OVERHEAD_BYTES = {"cuda": int(1.0 * GiB), "cpu": 48 * 1024**2}  # CUDA context+cuBLAS workspace; CPU see bench
+
+
+def nf4_constant_bits_per_param(double_quant: bool) -> float:
+    """Bits of quantization constants per 4-bit weight (blocks of 64; double quant: 8-bit absmax, blocks of 256)."""
+    return 8 / 64 + 32 / (64 * 256) if double_quant else 32 / 64
+
+
+@dataclass
+class TrainSetup:
+    """What the estimate assumes about the run; every field is printed with the result."""
+
+    batch_size: int = 1
+    seq_len: int = 2048
+    gradient_checkpointing: bool = False
+    gradient_accumulation_steps: int = 1
+    weight_dtype: str = "bf16"  # dtype of the loaded base weights
+    compute_dtype: str = "bf16"  # activations
+    master_weights: bool = False  # fp32 master copy of 16-bit trained weights (mixed precision)
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit
+    device: str = "cuda"  # cuda | cpu: which overhead applies
+    gpus: int = 1
+    gpu_memory_bytes: int | None = None
+
+
+@dataclass
+class MemoryEstimate:
+    method: str
+    trainable_params: int
+    trainable_formula: str
+    weights: int
+    trainable: int
+    gradients: int
+    master_weights: int
+    optimizer: int
+    activations: int
+    overhead: int
+    total: int
+    step_temporaries: int
+    quant_constant_bits_per_param: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def memory_bytes(self) -> dict[str, int]:
+        keys = ("weights", "trainable", "gradients", "master_weights", "optimizer", "activations", "overhead", "total")
+        return {k: int(getattr(self, k)) for k in keys}
+
+
+def optimizer_bytes_per_param(optimizer: str) -> int:
+    if optimizer == "adamw":
+        return 8
+    if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        return 2
+    raise ValueError(f"--optimizer: unknown optimizer {optimizer!r} (adamw, adamw_8bit, paged_adamw_8bit)")
+
+
+def _weights_bytes(f: ModelFacts, method: MethodConfig, trainable_n: int, wbytes: int) -> tuple[int, float | None, int]:
+    """(frozen weight bytes, NF4 constant bits per param or None, 4-bit parameter count)."""
+    if method.name == "full":
+        return (f.params_total - trainable_n) * wbytes, None, 0
+    if method.name != "qlora":
+        return f.params_total * wbytes, None, 0
+    quantized = sum(m.weight_params for m in f.decoder_linears())  # lm_head and embeddings stay 16-bit
+    bits = nf4_constant_bits_per_param(method.quant.double_quant)
+    other = f.params_total - quantized
+    return int(quantized * (4 + bits) / 8 + other * wbytes), bits, quantized
+
+
+def estimate_memory(f: ModelFacts, method: MethodConfig, setup: TrainSetup) -> MemoryEstimate:
+    count = trainable_params(f, method)
+    n = count.trainable_params
+    wbytes = DTYPE_BYTES[setup.weight_dtype]
+    abytes = DTYPE_BYTES[setup.compute_dtype]
+    weights, qbits, quantized = _weights_bytes(f, method, n, wbytes)
+    tbytes = wbytes if method.name == "full" else 4
+    trainable = n * tbytes
+    gradients = n * tbytes
+    master = n * 4 if (setup.master_weights and tbytes < 4) else 0
+    optimizer = n * optimizer_bytes_per_param(setup.optimizer)
+    act = activation_estimate(f, method, setup.batch_size, setup.seq_len, abytes, setup.gradient_checkpointing)
+    activations = act.peak_bytes
+    notes: list[str] = []
+    # The first gradient of the backward pass is the output layer's (V x h), made while every activation lives.
+    head_grad = f.vocab_size * f.hidden_size * tbytes if method.name == "full" else 0
+    if method.name == "qlora":
+        # One 4-bit Linear is dequantized at a time for its matmul (forward and backward).
+        largest = max(m.weight_params for m in f.decoder_linears())
+        activations += largest * abytes
+        notes.append(f"{quantized:,} parameters in 4-bit NF4; embeddings, norms and lm_head stay {setup.weight_dtype}")
+    # Optimizer step scratch: torch's AdamW on CPU walks one tensor at a time (the largest tensor's temporaries);
+    # on CUDA we assume the fused kernel (torch.optim.AdamW(fused=True)), which needs none. (The default foreach
+    # path would add one fp32 temporary per trainable parameter at the step.)
+    largest_trainable = f.vocab_size * f.hidden_size if method.name == "full" else 0
+    step_temp = 0 if setup.device == "cuda" else largest_trainable * 4 * 2
+    overhead = OVERHEAD_BYTES[setup.device]
+    persistent = weights + trainable + master + optimizer + overhead
+    if setup.gradient_accumulation_steps > 1:
+        total = persistent + gradients + max(activations, step_temp)
+        notes.append("gradient accumulation: gradients live through the forward pass and are added in full")
+    else:
+        total = persistent + max(activations + head_grad, gradients + step_temp)
+    return MemoryEstimate(
+        method=method.name, trainable_params=n, trainable_formula=count.formula, weights=int(weights),
+        trainable=int(trainable), gradients=int(gradients), master_weights=int(master), optimizer=int(optimizer),
+        activations=int(activations), overhead=overhead, total=int(total), step_temporaries=int(step_temp),
+        quant_constant_bits_per_param=qbits, notes=notes,
+    )
+
+
+def gpus_needed(est: MemoryEstimate, gpu_memory_bytes: int, sharded: bool, usable_fraction: float = 0.92) -> int | None:
+    """GPUs of `gpu_memory_bytes` needed. Without sharding (DDP) every GPU holds everything: 1 if it fits, else None
+    (more GPUs do not help). With ZeRO-3/FSDP full sharding, weights, trainable weights, gradients, master weights
+    and optimizer state divide by the GPU count; activations and overhead stay per GPU. 8% of each GPU is kept
+    free for fragmentation."""
+    usable = gpu_memory_bytes * usable_fraction
+    per_gpu = est.activations + est.overhead + (est.step_temporaries if est.method == "full" else 0)
+    if not sharded:
+        return 1 if est.total <= usable else None
+    shardable = est.weights + est.trainable + est.gradients + est.master_weights + est.optimizer
+    room = usable - per_gpu
+    if room <= 0:
+        return None
+    return max(1, math.ceil(shardable / room))
+
+
+def as_dict(setup: TrainSetup) -> dict:
+    return asdict(setup)

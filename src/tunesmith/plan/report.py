@@ -1,0 +1,259 @@
+"""`tunesmith plan`: put facts, counts, memory and advice together; print them; write a ready run config.
+
+JSON (stable keys):
+    {"model": {"name", "params_total", "layers", "hidden_size", ...},
+     "methods": {"<method>": {"trainable_params", "trainable_percent", "trainable_formula",
+                              "memory_bytes": {"weights", "trainable", "gradients", "master_weights", "optimizer",
+                                               "activations", "overhead", "total"},
+                              "fits", "gpus_needed": {"unsharded", "sharded"}, ["quant_constant_bits_per_param"]}},
+     "budget": {...}, "assumptions": [...], "decision": {...}, "recommendation": {...}}
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunesmith.config import MethodConfig, RunConfig, resolved_yaml
+from tunesmith.models.facts import ModelFacts, model_facts
+from tunesmith.plan.advice import decide, hyperparameters
+from tunesmith.plan.memory import GiB, TrainSetup, estimate_memory, gpus_needed
+
+METHODS = ("full", "lora", "qlora", "prefix", "prompt", "adapters")
+# Preference when several fit: quality per FIELD.md's method table (LoRA ~ full on most tasks, cheaper).
+PREFERENCE = ("lora", "qlora", "full", "adapters", "prefix", "prompt")
+
+
+class PlanError(ValueError):
+    """A plan flag is malformed or contradictory; names the flag and the fix."""
+
+
+def parse_memory(text: str) -> int:
+    """'80GB', '80GiB', '24g', '40' (GiB) -> bytes. GPU makers' "80GB" is 80 GiB, so GB is read as GiB."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(g|gb|gib|m|mb|mib|t|tb|tib)?\s*", text.lower())
+    if not match:
+        raise PlanError(f"--gpu-memory {text!r}: expected a size like 80GB, 24GiB or 40 (GiB)")
+    unit = (match.group(2) or "g")[0]
+    return int(float(match.group(1)) * {"m": 1024**2, "g": GiB, "t": 1024**4}[unit])
+
+
+@dataclass
+class PlanRequest:
+    model: str
+    gpu_memory_bytes: int = 80 * GiB
+    gpus: int = 1
+    device: str = "cuda"
+    examples: int | None = None
+    task: str = "instruction"
+    method: str | None = None
+    rank: int | None = None
+    targets: list[str] | str | None = None
+    virtual_tokens: int | None = None
+    batch_size: int = 4
+    seq_len: int = 2048
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
+    master_weights: bool = False
+    knowledge_changes_often: bool = False
+    needs_citations: bool = False
+    prompting_good_enough: bool = False
+    base_too_weak: bool = False
+    train_files: list[str] = field(default_factory=list)
+
+
+def method_config(name: str, req: PlanRequest, params_total: int) -> MethodConfig:
+    hp = hyperparameters(params_total, name, req.task, req.examples)
+    options: dict[str, Any] = {"name": name}
+    if name in ("lora", "qlora"):
+        rank = req.rank or hp.rank
+        options["lora"] = {"r": rank, "alpha": 2 * rank, "dropout": hp.lora_dropout,
+                           "target_modules": req.targets if req.targets is not None else "all-linear"}
+    if name in ("prefix", "prompt") and req.virtual_tokens:
+        options[name] = {"num_virtual_tokens": req.virtual_tokens}
+    return MethodConfig.model_validate(options)
+
+
+def setup_for(req: PlanRequest) -> TrainSetup:
+    dtype = "fp32" if req.device == "cpu" else "bf16"
+    return TrainSetup(batch_size=req.batch_size, seq_len=req.seq_len, gradient_checkpointing=req.gradient_checkpointing,
+                      weight_dtype=dtype, compute_dtype=dtype, master_weights=req.master_weights, optimizer=req.optimizer,
+                      device=req.device, gpus=req.gpus, gpu_memory_bytes=req.gpu_memory_bytes)
+
+
+def assumptions(req: PlanRequest, setup: TrainSetup) -> list[str]:
+    where = "CPU (fp32 weights and activations)" if req.device == "cpu" else f"{req.gpus} GPU(s) of {req.gpu_memory_bytes / GiB:g} GiB, bf16 weights and activations"
+    return [
+        f"hardware: {where}; sizes in GiB (2^30 bytes); a GPU sold as 80GB holds 80 GiB",
+        f"micro-batch {setup.batch_size} x {setup.seq_len} tokens, gradient checkpointing {'on' if setup.gradient_checkpointing else 'off'}, no gradient accumulation",
+        f"optimizer {setup.optimizer}: " + ("two fp32 moments, 8 bytes per trainable parameter; fused kernel on GPU (no step temporaries)" if setup.optimizer == "adamw" else "8-bit moments, 2 bytes per trainable parameter"),
+        "adapters (LoRA, prefix, prompt, bottleneck) train in fp32 (peft upcasts them); full fine-tuning trains the weights in their own dtype"
+        + ("; fp32 master weights added" if setup.master_weights else "; no fp32 master copy (add one with --master-weights)"),
+        "QLoRA: decoder Linear weights in NF4 (0.5 byte) + quantization constants; embeddings, norms, lm_head 16-bit",
+        "activations: SDPA/flash attention (no seq^2 scores kept), LoRA dropout 0.05; logits kept in fp32 for the loss",
+        "peak = persistent state + max(activations at the start of backward, gradients at the optimizer step)",
+        "fits: unsharded on one GPU, or with ZeRO-3/FSDP full sharding across the given GPUs; 8% kept free for fragmentation",
+        f"framework overhead: {'1 GiB CUDA context and workspaces per GPU' if req.device != 'cpu' else '48 MiB runtime scratch'}",
+    ]
+
+
+def build_plan(req: PlanRequest, facts: ModelFacts | None = None) -> dict[str, Any]:
+    facts = facts or model_facts(req.model)
+    if req.gpus < 1:
+        raise PlanError(f"--gpus {req.gpus}: need at least 1")
+    setup = setup_for(req)
+    methods: dict[str, Any] = {}
+    configs: dict[str, MethodConfig] = {}
+    for name in METHODS:
+        cfg = method_config(name, req, facts.params_total)
+        configs[name] = cfg
+        est = estimate_memory(facts, cfg, setup)
+        unsharded = gpus_needed(est, req.gpu_memory_bytes, sharded=False)
+        sharded = gpus_needed(est, req.gpu_memory_bytes, sharded=True)
+        fits = unsharded is not None or (req.gpus > 1 and sharded is not None and sharded <= req.gpus)
+        entry: dict[str, Any] = {
+            "trainable_params": est.trainable_params,
+            "trainable_percent": round(100 * est.trainable_params / facts.params_total, 6),
+            "trainable_formula": est.trainable_formula,
+            "memory_bytes": est.memory_bytes(),
+            "fits": bool(fits),
+            "gpus_needed": {"unsharded": unsharded, "sharded": sharded},
+            "notes": est.notes,
+        }
+        if est.quant_constant_bits_per_param is not None:
+            entry["quant_constant_bits_per_param"] = est.quant_constant_bits_per_param
+        methods[name] = entry
+    decision = decide(examples=req.examples, knowledge_changes_often=req.knowledge_changes_often,
+                      needs_citations=req.needs_citations, prompting_good_enough=req.prompting_good_enough,
+                      base_too_weak=req.base_too_weak)
+    recommendation = recommend(req, facts, methods, decision)
+    return {
+        "model": {"name": facts.name, "params_total": facts.params_total, "layers": facts.num_layers,
+                  "hidden_size": facts.hidden_size, "model_type": facts.model_type, "vocab_size": facts.vocab_size,
+                  "num_attention_heads": facts.num_heads, "num_key_value_heads": facts.num_kv_heads,
+                  "head_dim": facts.head_dim, "intermediate_size": facts.intermediate_size,
+                  "tie_word_embeddings": facts.tie_word_embeddings, "config_source": facts.source,
+                  "counted_by": facts.counted_by},
+        "budget": {"device": req.device, "gpus": req.gpus, "gpu_memory_bytes": req.gpu_memory_bytes},
+        "assumptions": assumptions(req, setup),
+        "decision": {"choice": decision.choice, "fine_tune": decision.fine_tune, "reasons": decision.reasons},
+        "methods": methods,
+        "recommendation": recommendation,
+    }
+
+
+def recommend(req: PlanRequest, facts: ModelFacts, methods: dict[str, Any], decision) -> dict[str, Any]:
+    if not decision.fine_tune:
+        return {"fine_tune": False, "choice": decision.choice, "method": None, "reasons": decision.reasons}
+    reasons = list(decision.reasons)
+    if req.method:
+        name = req.method
+        reasons.append(f"method {name} chosen with --method")
+        if not methods[name]["fits"]:
+            reasons.append(f"warning: {name} does not fit the budget (see gpus_needed)")
+    else:
+        fitting = [m for m in PREFERENCE if methods[m]["fits"]]
+        if req.task == "behaviour" and "full" in fitting:
+            name = "full"
+            reasons.append("wholesale behaviour change with full fine-tuning fitting the budget: full fine-tuning")
+        elif fitting:
+            name = fitting[0]
+            skipped = [m for m in PREFERENCE[: PREFERENCE.index(name)]]
+            reasons.append(f"{name}: the first of {', '.join(PREFERENCE)} that fits"
+                           + (f" ({', '.join(skipped)} do not)" if skipped else ""))
+        else:
+            name = "qlora"
+            need = methods["qlora"]["gpus_needed"]["sharded"]
+            reasons.append(f"no method fits {req.gpus} x {req.gpu_memory_bytes / GiB:g} GiB; qlora needs "
+                           + (f"{need} GPUs with sharding" if need else "a larger GPU") + ", or lower --batch-size/--seq-len, or --gradient-checkpointing")
+    hp = hyperparameters(facts.params_total, name, req.task, req.examples)
+    reasons.extend(hp.reasons)
+    rank = methods[name]
+    return {"fine_tune": True, "choice": "fine-tune", "method": name, "fits": rank["fits"],
+            "hyperparameters": hp.as_dict(), "reasons": reasons}
+
+
+def run_config(req: PlanRequest, plan: dict[str, Any]) -> RunConfig:
+    """A RunConfig for the recommended (or --method) method that `tunesmith train` accepts unchanged."""
+    rec = plan["recommendation"]
+    name = rec.get("method") or req.method or "lora"
+    hp = rec.get("hyperparameters") or hyperparameters(plan["model"]["params_total"], name, req.task, req.examples).as_dict()
+    config = RunConfig()
+    config.model.name_or_path = req.model
+    config.method = method_config(name, req, plan["model"]["params_total"])
+    config.data.train = list(req.train_files)
+    config.data.max_seq_len = req.seq_len
+    t = config.train
+    t.learning_rate = hp["learning_rate"]
+    t.epochs = hp["epochs"]
+    t.warmup_ratio = hp["warmup_ratio"]
+    t.weight_decay = hp["weight_decay"]
+    t.batch_size = req.batch_size
+    t.gradient_checkpointing = req.gradient_checkpointing
+    t.optimizer = req.optimizer
+    return config
+
+
+def write_run_config(path: str | Path, config: RunConfig) -> Path:
+    """Atomic write: a temp file in the same folder, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("# written by `tunesmith plan`; edit data.train before `tunesmith train`\n" + resolved_yaml(config))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def render(plan: dict[str, Any], console=None) -> None:
+    """Human output: a rich table of methods plus the decision, recommendation and assumptions."""
+    from rich.console import Console
+    from rich.table import Table
+
+    import sys
+
+    console = console or Console(width=None if sys.stdout.isatty() else 150)
+    m = plan["model"]
+    console.print(f"[bold]{m['name']}[/]: {m['params_total']:,} parameters ({m['params_total'] / 1e9:.2f}B), "
+                  f"{m['layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads / "
+                  f"{m['num_key_value_heads']} kv, vocab {m['vocab_size']:,} (config: {m['config_source']}, counted by {m['counted_by']})")
+    table = Table(title="memory per method (GiB)")
+    for col in ("method", "trainable", "%", "weights", "train.", "grads", "optim.", "activ.", "total", "GPUs (1/sharded)", "fits"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for name, e in plan["methods"].items():
+        b = e["memory_bytes"]
+        g = e["gpus_needed"]
+        gpus = f"{g['unsharded'] or '-'} / {g['sharded'] or '-'}"
+        table.add_row(name, _human(e["trainable_params"]), f"{e['trainable_percent']:.4g}",
+                      *(f"{b[k] / GiB:.2f}" for k in ("weights", "trainable", "gradients", "optimizer", "activations", "total")),
+                      gpus, "[green]yes[/]" if e["fits"] else "[red]no[/]")
+    console.print(table)
+    if "qlora" in plan["methods"]:
+        console.print(f"qlora quantization constants: {plan['methods']['qlora']['quant_constant_bits_per_param']:.4f} bits/param")
+    d, r = plan["decision"], plan["recommendation"]
+    console.print(f"[bold]decision:[/] {d['choice']} — " + "; ".join(d["reasons"]))
+    if r.get("method"):
+        hp = r["hyperparameters"]
+        console.print(f"[bold]recommendation:[/] {r['method']}, learning rate {hp['learning_rate']:g} "
+                      f"(range {hp['learning_rate_range'][0]:.0e}-{hp['learning_rate_range'][1]:.0e})"
+                      + (f", rank {hp['rank']}, alpha {hp['alpha']}" if hp["rank"] else "")
+                      + f", {hp['epochs']:g} epochs, warmup {hp['warmup_ratio']:.0%}; {hp['data_note']}")
+        for reason in r["reasons"]:
+            console.print(f"  - {reason}")
+    console.print("[bold]assumptions:[/]")
+    for line in plan["assumptions"]:
+        console.print(f"  - {line}")

@@ -1,0 +1,1 @@
+"""Alembic migrations of the registry schema; `store.open_registry` runs `upgrade head` on open."""

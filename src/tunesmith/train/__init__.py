@@ -1,0 +1,1 @@
+"""Training: the loop, schedule, checkpoints and resume, callbacks, and the `tunesmith train` orchestration."""

@@ -1,0 +1,325 @@
+"""The training loop: a readable top-to-bottom loop over optimizer steps.
+
+Per optimizer step (global batch = batch_size x gradient_accumulation_steps x processes sequences):
+    N      = target tokens in the whole global batch (all-reduced over processes)
+    loss   = sum over micro-batches and processes of CE_sum(micro-batch) / N
+so the gradient is the token-weighted mean over the global batch, whatever the split into micro-batches and
+processes (DDP averages gradients over processes, hence each process scales its CE_sum by world_size / N).
+Schedule: linear warm-up over warmup_ratio of the steps, then cosine (or linear/constant) decay.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import get_scheduler
+
+from tunesmith.config import TrainConfig
+from tunesmith.data.pack import Pack, collate, epoch_order
+from tunesmith.data.render import IGNORE_INDEX
+from tunesmith.models.hardware import autocast_dtype
+from tunesmith.train import checkpoint as ckpt
+from tunesmith.train.callbacks import TrainState, call
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over labelled positions, and their count.
+
+    logits: (batch, seq, vocab); labels: (batch, seq) with -100 where no loss is taken.
+    Semantics: sum_t CE(logits[:, t], labels[:, t + 1]) over t with labels[:, t + 1] != -100.
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    count = int((shift_labels != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+    return loss, count
+
+
+def count_targets(packs: list[Pack]) -> int:
+    """Target tokens the loss will see: every labelled token except each example's first (see pack.collate)."""
+    return sum(max(0, e.target_tokens - (e.labels[0] != IGNORE_INDEX)) for p in packs for e in p.examples)
+
+
+@dataclass
+class LoopContext:
+    """Everything the loop needs besides the model."""
+
+    config: TrainConfig
+    run_dir: Path
+    pad_token_id: int
+    block_mask: bool  # use the 4-D block-diagonal mask (packing on a non-flash attention kernel)
+    precision: str
+    accelerator: Any
+    method: Any
+    tokenizer: Any
+    callbacks: list[Any] = field(default_factory=list)
+    log: Any = print
+
+
+def forward_loss(model, method, batch: dict[str, torch.Tensor], precision: str, device) -> tuple[torch.Tensor, int]:
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")}
+    dtype = autocast_dtype(precision)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        logits = model(**inputs).logits
+    logits = method.align_logits(logits, inputs["input_ids"]) if hasattr(method, "align_logits") else logits
+    return causal_lm_loss_sum(logits, batch["labels"].to(device))
+
+
+def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay on matrices only (biases and norm weights are not decayed)."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"lr": config.learning_rate, "betas": (config.adam_beta1, config.adam_beta2)}
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, **kwargs)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if config.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(groups, **kwargs)
+
+
+def make_scheduler(optimizer, config: TrainConfig, total_steps: int):
+    warmup = int(math.ceil(config.warmup_ratio * total_steps))
+    if config.lr_scheduler == "cosine" and config.min_lr_ratio > 0:
+        return get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                             scheduler_specific_kwargs={"min_lr_rate": config.min_lr_ratio})
+    name = {"constant": "constant_with_warmup"}.get(config.lr_scheduler, config.lr_scheduler)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+class StepPlan:
+    """Which packs each process sees at each micro-step: a seeded order per epoch, split across processes.
+
+    The epoch's order is extended by wrapping around so that every optimizer step sees a full global batch
+    (every process the same number of sequences, every step the same batch whatever its split into micro-batches
+    and processes); the few repeats are counted in `repeated_packs`.
+    """
+
+    def __init__(self, n_packs: int, batch_size: int, accumulation: int, world: int, seed: int):
+        self.n, self.batch, self.accum, self.world, self.seed = n_packs, batch_size, accumulation, world, seed
+        global_micro = batch_size * world
+        self.steps_per_epoch = max(1, math.ceil(n_packs / (global_micro * accumulation)))
+        self.micro_per_epoch = self.steps_per_epoch * accumulation
+        self.repeated_packs = self.micro_per_epoch * global_micro - n_packs
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """Pack indices for `rank` in each micro-batch of optimizer step `step` (0-based)."""
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        order = epoch_order(self.n, self.seed, epoch)
+        global_micro = self.batch * self.world
+        order = (order * (1 + self.micro_per_epoch * global_micro // max(1, self.n)))[: self.micro_per_epoch * global_micro]
+        first = in_epoch * self.accum
+        out = []
+        for micro in range(first, first + self.accum):
+            chunk = order[micro * global_micro: (micro + 1) * global_micro]
+            out.append(chunk[rank * self.batch: (rank + 1) * self.batch])
+        return out
+
+
+def all_reduce_sum(accelerator, values: list[float]) -> list[float]:
+    if accelerator.num_processes == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def evaluate_loss(model, ctx: LoopContext, packs: list[Pack]) -> float:
+    """Token-weighted mean loss over `packs`, sharded over processes."""
+    acc = ctx.accelerator
+    mine = packs[acc.process_index:: acc.num_processes]
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(mine), ctx.config.batch_size):
+            batch = collate(mine[start: start + ctx.config.batch_size], ctx.pad_token_id, block_mask=ctx.block_mask)
+            loss_sum, n = forward_loss(model, ctx.method, batch, ctx.precision, acc.device)
+            total += float(loss_sum)
+            count += n
+    model.train()
+    total, count = all_reduce_sum(acc, [total, float(count)])
+    return total / max(count, 1)
+
+
+def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, forget records logged after the checkpoint (they will be logged again)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= last_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(model, ctx: LoopContext, train_packs: list[Pack], val_packs: list[Pack], resume: bool = False) -> TrainState:
+    """Run the optimisation; returns the final state (best checkpoint loaded when configured)."""
+    cfg, acc = ctx.config, ctx.accelerator
+    plan = StepPlan(len(train_packs), cfg.batch_size, cfg.gradient_accumulation_steps, acc.num_processes, cfg.seed)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
+    eval_every = cfg.eval_steps or plan.steps_per_epoch
+    save_every = cfg.save_steps or eval_every
+    metrics_path = ctx.run_dir / "metrics.jsonl"
+
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    state = TrainState(max_steps=total_steps)
+    unwrapped = model
+    if resume and (dirs := ckpt.checkpoint_dirs(ctx.run_dir)):
+        state = ckpt.restore_state(ckpt.load_checkpoint(dirs[-1], unwrapped, optimizer, scheduler))
+        state.max_steps = total_steps
+        if acc.is_main_process:
+            truncate_metrics(metrics_path, state.step)
+        ctx.log(f"resumed from {dirs[-1]} (step {state.step} of {total_steps})")
+    elif resume:
+        ctx.log("notice: --resume given but no checkpoint found; starting from step 0")
+    model, optimizer = acc.prepare(model, optimizer)
+    if plan.repeated_packs and acc.is_main_process:
+        ctx.log(f"notice: {plan.repeated_packs} sequence(s) repeat per epoch to fill the last global batch")
+
+    if state.step == 0:
+        call(ctx.callbacks, "on_train_begin", state, unwrapped, ctx.tokenizer)
+    model.train()
+    progress = _Progress(total_steps, state.step, enabled=cfg.show_progress and acc.is_main_process)
+    started = time.perf_counter()
+    window_tokens, window_start = 0, time.perf_counter()
+    while state.step < total_steps and not state.should_stop:
+        torch.manual_seed(cfg.seed * 1_000_003 + acc.process_index * 7919 + state.step)  # see checkpoint.py
+        micro = plan.micro_batches(state.step, acc.process_index)
+        micro_packs = [[train_packs[i] for i in indices] for indices in micro]
+        local_targets = sum(count_targets(p) for p in micro_packs)
+        (global_targets,) = all_reduce_sum(acc, [float(local_targets)])
+        loss_total, real_tokens = accumulate_gradients(model, ctx, micro_packs, global_targets)
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = float(acc.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_total, real_tokens_all, targets_all = all_reduce_sum(acc, [loss_total, float(real_tokens), float(local_targets)])
+        state.step += 1
+        state.epoch = state.step / plan.steps_per_epoch
+        state.tokens_seen += int(real_tokens_all)
+        state.target_tokens_seen += int(targets_all)
+        window_tokens += int(real_tokens_all)
+        train_loss = loss_total / max(global_targets, 1.0)
+        record: dict[str, Any] = {"step": state.step}
+        if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+            elapsed = time.perf_counter() - window_start
+            record.update(train_loss=round(train_loss, 6), lr=lr, epoch=round(state.epoch, 4), tokens=state.tokens_seen,
+                          tokens_per_second=round(window_tokens / max(elapsed, 1e-9), 2))
+            if grad_norm is not None:
+                record["grad_norm"] = round(grad_norm, 6)
+            window_tokens, window_start = 0, time.perf_counter()
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"training loss is {train_loss} at step {state.step}; lower train.learning_rate")
+        is_eval = val_packs and (state.step % eval_every == 0 or state.step == total_steps)
+        if is_eval:
+            _evaluate(model, unwrapped, ctx, val_packs, state, record)
+        if acc.is_main_process and len(record) > 1:
+            append_metrics(metrics_path, record)
+        if state.step % save_every == 0 or state.step == total_steps or state.should_stop:
+            if acc.is_main_process:
+                ckpt.save_checkpoint(ctx.run_dir, unwrapped, optimizer, scheduler, state,
+                                     {"total_steps": total_steps, "steps_per_epoch": plan.steps_per_epoch})
+                ckpt.prune_checkpoints(ctx.run_dir, cfg.save_total_limit, state.best_step)
+            acc.wait_for_everyone()
+        progress.update(state.step, train_loss, lr, window_tokens, time.perf_counter() - started, record)
+    progress.close()
+    if cfg.load_best_at_end and state.best_step is not None and state.best_step != state.step:
+        best = ctx.run_dir / "checkpoints" / f"step-{state.best_step}"
+        if best.is_dir():
+            ckpt.load_checkpoint(best, unwrapped)
+            ctx.log(f"loaded the best checkpoint: step {state.best_step} (eval loss {state.best_eval_loss:.4f})")
+    call(ctx.callbacks, "on_train_end", state, unwrapped, ctx.tokenizer)
+    return state
+
+
+def accumulate_gradients(model, ctx: LoopContext, micro_packs: list[list[Pack]], global_targets: float) -> tuple[float, int]:
+    """Backward over this process's micro-batches of one optimizer step; gradients are token-weighted.
+
+    Returns (sum of token losses here, non-padding tokens here). DDP gradient sync happens on the last micro-batch.
+    """
+    acc = ctx.accelerator
+    loss_total, real_tokens = 0.0, 0
+    for index, packs in enumerate(micro_packs):
+        batch = collate(packs, ctx.pad_token_id, block_mask=ctx.block_mask)
+        real_tokens += int(batch["real_tokens"])
+        sync = index == len(micro_packs) - 1
+        context = acc.no_sync(model) if not sync and acc.num_processes > 1 else _null()
+        with context:
+            loss_sum, _ = forward_loss(model, ctx.method, batch, ctx.precision, acc.device)
+            acc.backward(loss_sum * acc.num_processes / max(global_targets, 1.0))
+        loss_total += float(loss_sum.detach())
+    return loss_total, real_tokens
+
+
+def _evaluate(model, unwrapped, ctx: LoopContext, val_packs, state: TrainState, record: dict[str, Any]) -> None:
+    cfg = ctx.config
+    eval_loss = evaluate_loss(model, ctx, val_packs)
+    record["eval_loss"] = round(eval_loss, 6)
+    improved = state.best_eval_loss is None or eval_loss < state.best_eval_loss - cfg.early_stopping_threshold
+    if improved:
+        state.best_eval_loss, state.best_step, state.evals_without_improvement = eval_loss, state.step, 0
+    else:
+        state.evals_without_improvement += 1
+        if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
+            state.should_stop = True
+            state.stop_reason = (f"early stopping: no eval-loss improvement in {cfg.early_stopping_patience} "
+                                 f"evaluations (best {state.best_eval_loss:.4f} at step {state.best_step})")
+    unwrapped.eval()
+    record.update(call(ctx.callbacks, "on_evaluate", state, unwrapped, ctx.tokenizer))
+    unwrapped.train()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Progress:
+    """A rich progress bar: step, loss, lr, tokens/s and ETA (only on the main process)."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        self.enabled = enabled
+        self.last_tps = 0.0
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                            TimeRemainingColumn())
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=total, completed=done, info="")
+
+    def update(self, step, loss, lr, _tokens, _elapsed, record) -> None:
+        if not self.enabled:
+            return
+        self.last_tps = record.get("tokens_per_second", self.last_tps)
+        info = f"loss {loss:.4f}  lr {lr:.2e}  {self.last_tps:.0f} tok/s"
+        if "eval_loss" in record:
+            info += f"  eval {record['eval_loss']:.4f}"
+        self.bar.update(self.task, completed=step, info=info)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.stop()

@@ -1,0 +1,166 @@
+"""Memory terms: each checked against an independent truth (bitsandbytes' own tensors, autograd's saved tensors,
+byte arithmetic done by hand), plus the field's seed figures for a 70B model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunesmith.config import MethodConfig
+from tunesmith.models.facts import facts_from_config, model_facts
+from tunesmith.plan.activations import activation_estimate
+from tunesmith.plan.memory import GiB, TrainSetup, estimate_memory, gpus_needed, nf4_constant_bits_per_param
+
+LLAMA70 = "meta-llama/Llama-3.1-70B"
+
+
+def test_nf4_constant_bits_match_bitsandbytes_tensors():
+    bnb = pytest.importorskip("bitsandbytes")
+    n = 64 * 256 * 4  # whole blocks at both levels
+    assert nf4_constant_bits_per_param(False) == 0.5
+    assert nf4_constant_bits_per_param(True) == 8 / 64 + 32 / (64 * 256) == 0.126953125
+    for double in (False, True):
+        p = bnb.nn.Params4bit(torch.randn(n // 64, 64), requires_grad=False, quant_type="nf4", compress_statistics=double)
+        p = p._quantize("cpu")
+        state = p.quant_state
+        constants = state.absmax.numel() * state.absmax.element_size()
+        if double:
+            constants += state.state2.absmax.numel() * state.state2.absmax.element_size()
+        assert p.numel() * p.element_size() * 8 / n == 4  # packed NF4: half a byte per weight
+        assert constants * 8 / n == nf4_constant_bits_per_param(double)
+
+
+def test_terms_by_hand_lora_8b():
+    facts = model_facts("meta-llama/Llama-3.1-8B")
+    method = MethodConfig(name="lora", lora={"r": 16, "target_modules": ["q_proj", "v_proj"]})
+    est = estimate_memory(facts, method, TrainSetup(batch_size=1, seq_len=512))
+    n = 6_815_744  # 32 layers x 16 x ((4096+4096) + (4096+1024))
+    assert est.trainable_params == n
+    assert est.weights == 8_030_261_248 * 2  # bf16 base
+    assert est.trainable == est.gradients == n * 4  # fp32 adapters
+    assert est.optimizer == n * 8
+    assert est.master_weights == 0
+    eight_bit = estimate_memory(facts, method, TrainSetup(batch_size=1, seq_len=512, optimizer="paged_adamw_8bit"))
+    assert eight_bit.optimizer == n * 2
+    assert est.total == est.weights + est.trainable + est.optimizer + est.overhead + max(est.activations, est.gradients)
+
+
+def test_full_master_weights_and_frozen_embeddings():
+    facts = model_facts("HuggingFaceTB/SmolLM2-135M-Instruct")
+    setup = TrainSetup(batch_size=1, seq_len=128, master_weights=True)
+    est = estimate_memory(facts, MethodConfig(name="full"), setup)
+    assert est.trainable == est.gradients == 134_515_008 * 2 and est.master_weights == 134_515_008 * 4
+    assert est.weights == 0
+    frozen = estimate_memory(facts, MethodConfig(name="full", full={"freeze_embeddings": True}), setup)
+    assert frozen.weights == 49152 * 576 * 2  # the tied embedding stays, frozen, in bf16
+    assert frozen.trainable_params == 134_515_008 - 49152 * 576
+
+
+def test_qlora_weights_by_hand_70b():
+    facts = model_facts(LLAMA70)
+    est = estimate_memory(facts, MethodConfig(name="qlora"), TrainSetup(batch_size=1, seq_len=1024, gradient_checkpointing=True))
+    per_layer_linear = 8192 * 8192 * 2 + 8192 * 1024 * 2 + 3 * 8192 * 28672
+    quantized = 80 * per_layer_linear
+    other = 70_553_706_496 - quantized  # embeddings, lm_head, norms in bf16
+    assert est.weights == int(quantized * (4 + 0.126953125) / 8 + other * 2)
+    assert est.quant_constant_bits_per_param == 0.126953125
+    no_dq = estimate_memory(facts, MethodConfig(name="qlora", quant={"double_quant": False}), TrainSetup(batch_size=1, seq_len=1024))
+    assert no_dq.weights - est.weights == int(quantized * 4.5 / 8) - int(quantized * 4.126953125 / 8)
+
+
+def test_seed_figures_70b():
+    """FIELD seed: full FT in 16-bit ~600-800 GB plus activations, LoRA ~140 GB, QLoRA ~36-48 GB (GiB here),
+    at micro-batch 1 x 2048 with gradient checkpointing."""
+    facts = model_facts(LLAMA70)
+    setup = TrainSetup(batch_size=1, seq_len=2048, gradient_checkpointing=True)
+    full = estimate_memory(facts, MethodConfig(name="full"), setup)
+    states = full.weights + full.trainable + full.gradients + full.optimizer
+    assert 600 * GiB <= states <= 800 * GiB
+    assert full.total >= states
+    lora = estimate_memory(facts, MethodConfig(name="lora"), setup)
+    assert 125 * GiB <= lora.total <= 160 * GiB
+    qlora = estimate_memory(facts, MethodConfig(name="qlora"), setup)
+    assert 36 * GiB <= qlora.total <= 48 * GiB
+
+
+def test_gpus_needed_sharding():
+    facts = model_facts(LLAMA70)
+    est = estimate_memory(facts, MethodConfig(name="full"), TrainSetup(batch_size=1, seq_len=2048, gradient_checkpointing=True))
+    assert gpus_needed(est, 80 * GiB, sharded=False) is None  # no single GPU holds 700+ GiB
+    n = gpus_needed(est, 80 * GiB, sharded=True)
+    shardable = est.weights + est.trainable + est.gradients + est.optimizer
+    room = 80 * GiB * 0.92 - est.activations - est.overhead
+    assert n == -(-shardable // room) and 10 <= n <= 14
+    qlora = estimate_memory(facts, MethodConfig(name="qlora"), TrainSetup(batch_size=1, seq_len=2048, gradient_checkpointing=True))
+    assert gpus_needed(qlora, 80 * GiB, sharded=False) == 1
+    assert gpus_needed(qlora, 24 * GiB, sharded=False) is None
+
+
+def _saved_bytes(model, batch, seq, vocab) -> int:
+    """Bytes of unique storages autograd saves in one forward pass, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(seen.values())
+
+
+CASES = [
+    ("full", {}, False),
+    ("lora", {"lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}}, False),
+    ("lora", {"lora": {"r": 4, "target_modules": "all-linear", "dropout": 0.0}}, False),
+    ("lora", {"lora": {"r": 8, "target_modules": "all-linear"}}, False),
+    ("prompt", {"prompt": {"num_virtual_tokens": 4}}, False),
+    ("prefix", {"prefix": {"num_virtual_tokens": 4}}, False),
+    ("full", {}, True),
+    ("lora", {"lora": {"r": 8, "target_modules": "all-linear"}}, True),
+]
+
+
+@pytest.mark.parametrize("name,options,ckpt", CASES, ids=lambda v: str(v)[:40])
+def test_activation_formula_matches_saved_tensors(name, options, ckpt):
+    """Widths chosen so that hidden, heads*head_dim, kv width and intermediate all differ (4 layers, 2 x 24)."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = AutoConfig.for_model("llama", hidden_size=48, intermediate_size=112, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=16, num_hidden_layers=4, vocab_size=200, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+    facts = facts_from_config(model.config.to_dict())
+    method = MethodConfig.model_validate({"name": name, **options})
+    if name == "lora":
+        lo = method.lora
+        model = get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=2 * lo.r, lora_dropout=lo.dropout, target_modules=lo.target_modules, task_type="CAUSAL_LM"))
+    elif name == "prompt":
+        model = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
+    elif name == "prefix":
+        model = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    batch, seq = 2, 24
+    measured = _saved_bytes(model, batch, seq, 200)
+    est = activation_estimate(facts, method, batch, seq, 4, ckpt)
+    tokens = batch * est.seq_effective
+    predicted = est.saved_bytes + tokens * 200 * 4  # + the saved log-softmax output (part of the logits term)
+    assert predicted == pytest.approx(measured, rel=0.08)
+
+
+def test_checkpointing_cuts_activations():
+    facts = model_facts("meta-llama/Llama-3.1-8B")
+    method = MethodConfig(name="lora")
+    plain = activation_estimate(facts, method, 4, 2048, 2, False)
+    ckpt = activation_estimate(facts, method, 4, 2048, 2, True)
+    assert ckpt.saved_bytes == 32 * 4 * 2048 * 4096 * 2 + 4 * 2048 * 3 * 4096 * 2
+    assert ckpt.peak_bytes < plain.peak_bytes / 3
+    assert plain.logits_bytes == ckpt.logits_bytes == 4 * 2048 * 128256 * 14

@@ -1,0 +1,46 @@
+"""Data-parallel training: 2 CPU processes (gloo) follow the single-process loss curve for the same global batch."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.train.conftest import read_metrics
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path, config):
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return path
+
+
+def test_two_processes_follow_the_single_process_curve(make_config, tmp_path):
+    single = make_config("train.batch_size=4", "train.max_steps=4", "train.eval_steps=2", name="single")
+    double = make_config("train.batch_size=2", "train.max_steps=4", "train.eval_steps=2", name="ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cli = [sys.executable, "-m", "tunesmith.cli", "train"]
+    subprocess.run([*cli, str(write_config(tmp_path / "single.yaml", single))], check=True, env=env,
+                   capture_output=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "tunesmith.cli", "train", str(write_config(tmp_path / "ddp.yaml", double))],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    root = Path(single.output.dir)
+    a, b = read_metrics(root / "single"), read_metrics(root / "ddp")
+    # Same global batch (4 sequences) per step; only the order of floating-point reductions differs.
+    assert [r["train_loss"] for r in a] == pytest.approx([r["train_loss"] for r in b], abs=1e-5)
+    assert [r.get("eval_loss") for r in a] == pytest.approx([r.get("eval_loss") for r in b], abs=1e-5)
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    summary = yaml.safe_load((root / "ddp" / "summary.json").read_text())
+    assert summary["processes"] == 2
