@@ -24,7 +24,8 @@ reference: $(STAMP)
 	$(VENV)/bin/tunesmith models fetch-reference
 
 demo: reference
-	$(PY) examples/contracts/demo.py
+	$(PY) examples/contracts/generate.py --out data/contracts --seed 0
+	$(VENV)/bin/tunesmith train examples/contracts/demo.yaml --set output.overwrite=true
 
 test: $(STAMP)
 	$(PY) -m pytest -q

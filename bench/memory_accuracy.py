@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args)))
         return 0
 
-    from tunesmith.methods.registry import available_methods, get_method
+    from tunesmith.methods.registry import get_method
 
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     missing, runnable = [], []
@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         measured = json.loads(proc.stdout.strip().splitlines()[-1])
         pred = predict(name, args, measured["device"])
         rel = (pred["predicted_bytes"] - measured["measured_bytes"]) / measured["measured_bytes"]
+        print(f"{name}: predicted {pred['predicted_bytes'] / 2**20:.1f} MiB, measured {measured['measured_bytes'] / 2**20:.1f} MiB "
+              f"({rel:+.1%}), per step {[round(b / 2**20, 1) for b in measured['per_step_bytes']]} MiB", file=sys.stderr, flush=True)
         results[name] = {"predicted_bytes": pred["predicted_bytes"], "measured_bytes": measured["measured_bytes"],
                          "relative_error": round(rel, 4), "per_step_bytes": measured["per_step_bytes"],
                          "trainable_params": measured["trainable_params"],

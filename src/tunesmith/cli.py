@@ -84,7 +84,8 @@ def _prepare_options(args: argparse.Namespace):
     from tunesmith.data.prepare import PrepareOptions
 
     return PrepareOptions(
-        format=args.format, dedup=tuple(k for k in args.dedup.split(",") if k not in ("", "none")), near_threshold=args.near_threshold,
+        format=args.format, dedup=tuple(k for k in args.dedup.split(",") if k not in ("", "none")),
+        near_threshold=args.near_threshold,
         num_perm=args.num_perm, shingle=args.shingle, pii=args.pii, max_tokens=args.max_tokens,
         trim_percentile=args.trim_percentile, seq_len=args.seq_len, split=args.split, seed=args.seed,
         tokenizer=args.tokenizer, stratify_clusters=args.stratify_clusters, remove_leakage=args.remove_leakage,

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from tests.train.conftest import read_metrics
+
 from tunesmith.train.run import run_training
 
 
@@ -164,3 +164,46 @@ def test_malformed_record_names_file_line_and_field(make_config, tmp_path):
     with pytest.raises(RecordError) as err:
         run_training(make_config(f"data.train=[{bad}]"), log=log)
     assert str(bad) in str(err.value) and ":2" in str(err.value) and "output" in str(err.value)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
+    from tunesmith.config import MethodConfig, ModelConfig
+    from tunesmith.methods.registry import get_method
+    from tunesmith.models.load import load_model
+
+    grads = []
+    for checkpointing in (False, True):
+        model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)), log=log)
+        torch.manual_seed(0)
+        method = get_method("lora")
+        model = method.apply(model, MethodConfig.model_validate({"lora": {"r": 4, "dropout": 0.0}}))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, 0, 0.1)
+        if checkpointing:
+            method.enable_gradient_checkpointing(model)
+        model.train()
+        ids = torch.arange(3, 40).unsqueeze(0)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        assert model.base_model.model.is_gradient_checkpointing == checkpointing
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_data_prepare_runs_before_training(make_config, tmp_path):
+    """data.prepare: raw files are validated, deduplicated and split first; training uses the cleaned split."""
+    from pathlib import Path
+
+    raw = tmp_path / "raw.jsonl"
+    rows = [json.dumps({"instruction": f"Name item {i}.", "output": f"item-{i}"}) for i in range(16)]
+    rows += [rows[0], rows[1], '{"instruction": "broken"}']  # two exact duplicates and one invalid record
+    raw.write_text("\n".join(rows) + "\n")
+    config = make_config(f"data.train=[{raw}]", "data.validation=[]", "data.prepare=true",
+                         "data.validation_fraction=0.25", "train.max_steps=1")
+    run_training(config, log=log)
+    manifest = json.loads((Path(config.output.dir) / "run/data_manifest.json").read_text())
+    prepared = manifest["prepare"]
+    assert prepared["input"] == 19 and prepared["quarantined"] == 1 and prepared["duplicates_exact"] == 2
+    assert manifest["train_records"] + manifest["validation_records"] == prepared["kept"] == 16
+    assert manifest["validation_records"] > 0

@@ -62,7 +62,8 @@ def render_eval_html(report: dict[str, Any]) -> str:
     sections = [f"<h1>{html.escape(title)}</h1>",
                 f"<p>created {html.escape(report['created'])}; greedy decoding, "
                 f"max_new_tokens={report['settings']['max_new_tokens']}</p>"]
-    data_rows = [[s, d["subset"], d["hash"][:16], ", ".join(d["files"])] for s, d in report["data"].items()]
+    data_rows = [[s, d["subset"], d["hash"].removeprefix("sha256:")[:16], ", ".join(d["files"])]
+                 for s, d in report["data"].items()]
     sections.append("<h2>Data</h2>" + _table(["split", "examples", "snapshot hash", "files"], data_rows))
     sections.append("<h2>Task metrics</h2>" + "".join(task_charts(report)))
     rows = [[r["model"], r["split"], *[r["metrics"].get(m, "-") if r["metrics"].get(m) is not None else "-"

@@ -16,6 +16,7 @@ from peft import PrefixTuningConfig
 from torch import nn
 
 from tunesmith.config import MethodConfig
+from tunesmith.methods.base import MethodError
 from tunesmith.methods.prompt_learning import MERGE_REFUSAL, PromptLearningMethod
 
 
@@ -48,8 +49,6 @@ class PrefixMethod(PromptLearningMethod):
         )
 
     def enable_gradient_checkpointing(self, model: nn.Module) -> None:
-        from tunesmith.methods.base import MethodError
-
         raise MethodError(
             "prefix: gradient checkpointing is not supported with prefix tuning (the prefix lives in the KV cache, "
             "which recomputation does not rebuild); set train.gradient_checkpointing: false or use method.name: lora"

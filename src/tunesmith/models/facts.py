@@ -122,6 +122,8 @@ def load_model_config(name_or_path: str) -> tuple[dict[str, Any], str]:
             return _clean(json.loads(path.read_text(encoding="utf-8"))), "path"
         except json.JSONDecodeError as exc:
             raise ModelFactsError(f"{path}: not a JSON config ({exc})") from None
+    if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1:
+        raise ModelFactsError(f"--model {name_or_path}: no such folder or file (a hub id looks like org/name)")
     entry = catalogue_dir() / (name_or_path.replace("/", "--", 1) + ".json")
     if "/" in name_or_path and entry.exists():
         return _clean(json.loads(entry.read_text(encoding="utf-8"))), "catalogue"

@@ -3,7 +3,7 @@
 The coefficients below were measured with `torch.autograd.graph.saved_tensors_hooks` (unique storages, parameters
 excluded) on transformers 5.24 Llama-family decoders with SDPA attention, varying each width on its own
 (h = hidden, i = intermediate, q = heads*head_dim, k = kv_heads*head_dim, a = heads, r = LoRA rank); the test
-tests/plan/test_plan_activations.py re-measures them on tiny models. Elements per token per layer:
+tests/plan/test_plan_memory.py re-measures them on a tiny model (within 8%). Elements per token per layer:
 
     trained base weights (full):  6h + 2q + 4i + 2k + a + 2
         (norm input and x*rsqrt and output for both norms, rotated q, SDPA output, gate/silu/up/product, k and v,
@@ -16,10 +16,12 @@ tests/plan/test_plan_activations.py re-measures them on tiny models. Elements pe
       QLoRA: + 2h + i always (bitsandbytes' 4-bit matmul keeps its input), without double counting the above
     prompt tuning: the frozen core over seq + virtual tokens
     prefix tuning: the frozen core + 2h (the residual stream now requires grad through the prefix keys/values)
-    adapters:      the frozen core + 2h + per adapter (in, bottleneck pre- and post-activation): 2 * (h + 2m)
+    adapters:      the frozen core + per adapter (its input, the relu output; + the pre-activation for gelu/silu):
+                   2 * (h + m) with relu
     gradient checkpointing: h per layer (the layer input) + one layer recomputed in the backward pass
 
-Logits: (batch, seq, vocab) in fp32 are held 4 times at the start of the backward pass (the logits, the saved
+Logits: (batch, seq, vocab) in fp32 are held 4 times at the start of the backward pass (measured by RSS on the
+reference model, bench/memory_accuracy.py: the logits, the saved
 log-softmax output, its gradient, the logits' gradient); with 16-bit weights the 16-bit logits add 2 bytes.
 """
 
@@ -81,7 +83,10 @@ def layer_elements_per_token(f: ModelFacts, method: MethodConfig) -> float:
         return _core(f) + 2 * h
     if name == "adapters":
         m = h // method.adapters.reduction_factor
-        return _core(f) + 2 * h + 2 * (h + 2 * m)
+        # Per adapter: its input (for the down-projection's weight gradient) and the bottleneck activation (relu
+        # saves its output, which the up-projection also saves); gelu/silu/tanh keep their input as well.
+        per_adapter = h + m + (m if method.adapters.nonlinearity != "relu" else 0)
+        return _core(f) + 2 * per_adapter
     raise ValueError(f"method.name: unknown method {name!r}")
 
 

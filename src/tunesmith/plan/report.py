@@ -221,10 +221,10 @@ def _human(n: int) -> str:
 
 def render(plan: dict[str, Any], console=None) -> None:
     """Human output: a rich table of methods plus the decision, recommendation and assumptions."""
+    import sys
+
     from rich.console import Console
     from rich.table import Table
-
-    import sys
 
     console = console or Console(width=None if sys.stdout.isatty() else 150)
     m = plan["model"]

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from tunesmith.serve import kv
 from tunesmith.serve.adapters import AdapterSpec, inspect_adapter
@@ -50,6 +51,7 @@ class GenRequest:
     slot: int = BASE_SLOT
     tried: bool = False
     cancelled: bool = False  # set by the API when a streaming client goes away
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens (same work in every compared mode)
     generator: torch.Generator | None = None
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
@@ -59,6 +61,10 @@ class Engine:
     def __init__(self, model, tokenizer, *, cache_budget_bytes: int = 512 << 20, max_batch_size: int = 32,
                  max_model_len: int | None = None, base_names: set[str] | None = None, on_step=None) -> None:
         self.model = model.eval()
+        kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers} - {DynamicLayer.__name__}
+        if kinds:  # kv.merge/keep_rows edit full-attention layers; sliding or hybrid layers would need their own
+            raise ValueError(f"{type(model).__name__} uses {sorted(kinds)} KV-cache layers; the serving engine "
+                             "supports full-attention models (Llama, Qwen2, SmolLM2, ...) only")
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.context = BatchContext()
@@ -253,7 +259,7 @@ class Engine:
                 self._finish(request, "cancelled", "")
                 finished.add(i)
                 continue
-            if token in self.eos_ids:
+            if token in self.eos_ids and not request.ignore_eos:
                 self._finish(request, "stop")
                 finished.add(i)
                 continue

@@ -86,6 +86,22 @@ def load_splits(config: RunConfig, log=print) -> tuple[list[Conversation], list[
     return train_conversations, validation, manifest
 
 
+def prepare_data(config: RunConfig, run_dir: Path, log=print) -> dict[str, Any]:
+    """`data.prepare: true`: run `tunesmith data prepare` on the raw training files (validate, dedup, PII screen,
+    split) into run_dir/data and train on its output; the prepare manifest goes into data_manifest.json."""
+    from tunesmith.data.prepare import options_for_training, prepare
+
+    options = options_for_training(config.data, tokenizer=None, seed=config.train.seed)
+    manifest = prepare(list(config.data.train), run_dir / "data", options)
+    splits = manifest["splits"]
+    config.data.train = [splits["train"]["path"]]
+    if not config.data.validation and splits.get("validation", {}).get("count"):
+        config.data.validation = [splits["validation"]["path"]]
+    log(f"prepared data: {manifest['input']} records in, {manifest['kept']} kept, {manifest['quarantined']} quarantined, "
+        f"{manifest['duplicates_exact']} + {manifest['duplicates_near']} duplicates; report in {run_dir / 'data'}")
+    return manifest
+
+
 def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
     run_dir = Path(config.output.dir) / (config.output.name or "run")
     if run_dir.exists() and not resume:
@@ -117,7 +133,18 @@ def run_training(config: RunConfig, resume: bool = False, log=print) -> dict[str
         write_text(run_dir / "config.yaml", resolved_yaml(config))
 
     tokenizer = load_tokenizer(config.model, log=say)
+    prepared = None
+    if config.data.prepare:
+        if main:
+            prepared = prepare_data(config, run_dir, log=say)
+        accelerator.wait_for_everyone()
+        if not main:  # the main process wrote the prepared splits; every process reads the same files
+            config.data.train = [str(run_dir / "data" / "train.jsonl")]
+            if not config.data.validation and (run_dir / "data" / "validation.jsonl").exists():
+                config.data.validation = [str(run_dir / "data" / "validation.jsonl")]
     train_conversations, validation, manifest = load_splits(config, log=say)
+    if prepared is not None:
+        manifest["prepare"] = prepared
     train_examples, train_stats = render_dataset(tokenizer, train_conversations, config.data.max_seq_len,
                                                  config.data.truncation)
     val_examples, val_stats = render_dataset(tokenizer, validation, config.data.max_seq_len, config.data.truncation)
