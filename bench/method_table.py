@@ -11,7 +11,8 @@ Scores are field_f1 (mean over the evaluated examples) on the first N test and o
 "relative to full FT" = test score / full fine-tuning's test score measured in the same run. Step time is the
 median over steps of (tokens of the step / tokens per second), which leaves out evaluation and checkpoint time.
 
-    python bench/method_table.py --quick           # tiny random model, a few steps: smoke test (< 2 min idle)
+    python bench/method_table.py --quick           # tiny model, 4 steps: smoke test (244 s at load ~7, mostly
+                                                   # the six subprocess start-ups; not yet timed idle)
     python bench/method_table.py --steps 20 --eval-examples 12 --md docs/method_table.md
 Last line: ratio=<lora test score / full test score>; --json prints {"methods": {...}} just before it.
 """
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.methods.split(","):
             t0 = time.perf_counter()
             rows[name] = child(args, name, out / "data", out)
-            rows[name]["merges"] = "yes" if get_method(name).can_merge else "no"
+            rows[name]["merges"] = "yes" if get_method(name).can_merge else ("n/a: is a full model" if name == "full" else "no")
             status = rows[name].get("error", "ok").splitlines()[-1]
             print(f"{name}: {time.perf_counter() - t0:.0f} s ({status})", file=sys.stderr, flush=True)
     full_score = rows.get("full", {}).get("test_score")
@@ -255,7 +256,9 @@ def write_markdown(path: Path, text: str, budget: str, qlora: dict | None, elaps
     from tunesmith.atomic import write_text
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores ({platform.processor() or 'unknown CPU'}), shared"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores ({cpu}), shared"
     lines = [
         "# The method table, measured", "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",

@@ -107,3 +107,25 @@ def test_insufficient_and_file(tmp_path):
     assert "diagnosis: healthy" in format_diagnosis(result)
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         diagnose_file(tmp_path / "nope")
+
+
+def test_overfitting_eval_creeping_while_train_plunges():
+    # shape of a real over-trained LoRA run on SmolLM2 (tests/eval/test_eval_reference.py): train 1.5 -> 0.12,
+    # eval 0.39 -> 0.376 with a bump; the eval still inches down, but the gap widens 10x faster
+    records = curve(lambda s: 0.1 + 1.4 * math.exp(-s / 40), lambda s: 0.38 + 0.03 * math.exp(-s / 100))
+    assert diagnose(records)["diagnosis"] == "overfitting"
+
+
+def test_overfitting_eval_at_its_floor_from_the_first_evaluation():
+    # the measured over-trained SmolLM2 run: eval 0.388 at the first evaluation and 0.376-0.393 after it, while
+    # the train loss fell from 0.59 to 0.15 over the same steps
+    train = [1.562, 1.564, 0.838, 0.591, 0.478, 1.198, 0.334, 0.564, 0.384, 0.649, 0.205, 0.195, 0.154, 0.354, 0.148,
+             0.167, 0.175, 0.19, 0.14, 0.216, 0.149, 0.137, 0.172, 0.184, 0.137, 0.133, 0.17, 0.177, 0.161, 0.132,
+             0.177, 0.124]
+    evals = {4: 0.387517, 8: 0.512881, 12: 0.400557, 16: 0.394381, 20: 0.375077, 24: 0.39327, 28: 0.381967,
+             32: 0.376265}
+    records = []
+    for step, value in enumerate(train, start=1):
+        records.append({"step": step, "train_loss": value, **({"eval_loss": evals[step]} if step in evals else {})})
+    result = diagnose(records)
+    assert result["diagnosis"] == "overfitting" and result["best_step"] == 20

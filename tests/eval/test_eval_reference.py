@@ -1,7 +1,14 @@
 """On the reference model (SmolLM2-135M-Instruct): a deliberately overfitted LoRA run (high rate, many epochs on
 a tiny set, no best-checkpoint restore) is diagnosed as overfitting and drifts further from the base, with lower
 probe retention, than a sane LoRA run on the same data. The numbers are printed (run with -s) and written to
-$TUNESMITH_REFERENCE_OUT when that is set."""
+$TUNESMITH_REFERENCE_OUT when that is set.
+
+Measured once on the shared 2-core CPU (31.7 min, 2026-11-29), before the diagnosis gained its
+"eval flat since the first evaluation" rule: sane KL 0.0011 nats/token, probe retention 1.00 (0.40 -> 0.40),
+perplexity 26.56 -> 26.49; overfit KL 6.25, retention 0.19 (0.40 -> 0.075), perplexity 26.56 -> 1319, final
+eval-train gap 0.23. That run's overfit curve was then classified "late_spike" (a spike at step 6, eval flat at its
+floor from the first evaluation); its exact values are now a unit test in test_eval_diagnose.py, classified
+"overfitting" by the revised rule."""
 
 from __future__ import annotations
 
@@ -85,7 +92,7 @@ def test_overfitted_run_is_diagnosed_and_forgets_more(data_dir, tmp_path, one_th
         forgetting = measure_forgetting(model, tokenizer, max_prompts=32, max_probes=40, log=quiet)
         numbers[name] = {
             "steps": summary["steps"], "diagnosis": diagnosis["diagnosis"], "best_step": diagnosis["best_step"],
-            "best_eval_loss": diagnosis["best_eval_loss"],
+            "best_eval_loss": diagnosis["best_eval_loss"], "gap": diagnosis["gap"],
             "final_eval_loss": [r["eval_loss"] for r in records if "eval_loss" in r][-1],
             "final_train_loss": summary["final_train_loss"],
             "callback_kl_last": logged[-1]["kl_drift"] if logged else None,
@@ -94,14 +101,15 @@ def test_overfitted_run_is_diagnosed_and_forgets_more(data_dir, tmp_path, one_th
             "probe_tuned": forgetting["probe_accuracy"]["tuned"], "probe_retention": forgetting["probe_retention"],
             "perplexity_base": forgetting["perplexity"]["base"], "perplexity_tuned": forgetting["perplexity"]["tuned"],
             "wall_seconds": summary["wall_seconds"],
+            "curve": [{k: r[k] for k in ("step", "train_loss", "eval_loss") if k in r} for r in records],
         }
         assert logged and len(logged) == len([r for r in records if "eval_loss" in r])
-    print(json.dumps(numbers, indent=2))
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in numbers.items()}, indent=2))
     if os.environ.get("TUNESMITH_REFERENCE_OUT"):
         with open(os.environ["TUNESMITH_REFERENCE_OUT"], "w") as handle:
             json.dump(numbers, handle, indent=2)
     sane, overfit = numbers["sane"], numbers["overfit"]
     assert overfit["diagnosis"] == "overfitting"
-    assert overfit["final_eval_loss"] > overfit["best_eval_loss"]
+    assert overfit["gap"] > 0.1  # measured 0.228: final eval loss well above the (memorised) train loss
     assert overfit["kl_drift"] > sane["kl_drift"]
     assert overfit["probe_retention"] < sane["probe_retention"]

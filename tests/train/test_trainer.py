@@ -16,7 +16,7 @@ def log(*_args, **_kwargs):
 
 
 def test_training_lowers_loss_and_writes_the_run_directory(make_config):
-    config = make_config("train.max_steps=12", "train.eval_steps=6", "train.warmup_ratio=0")
+    config = make_config("train.max_steps=12", "train.eval_steps=6", "train.warmup_ratio=0", "method.lora.r=16")
     summary = run_training(config, log=log)
     run_dir = config.output.dir and (__import__("pathlib").Path(config.output.dir) / "run")
     records = read_metrics(run_dir)

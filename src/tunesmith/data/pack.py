@@ -87,11 +87,15 @@ def collate(packs: list[Pack], pad_token_id: int, dtype: torch.dtype = torch.flo
             offset += n
         position_ids[row, offset:] = torch.arange(width - offset)
     padding = (segments >= 0).long()
-    out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    out = {"input_ids": input_ids, "labels": labels}
     if block_mask:
         out["attention_mask"] = block_diagonal_mask(segments, dtype)
     else:
         out["attention_mask"] = padding
+    # Position ids restart per example. With one example per row the model derives the same ones itself, and
+    # prompt-learning methods (which prepend virtual tokens) must not be given any.
+    if block_mask or any(len(p.examples) > 1 for p in packs):
+        out["position_ids"] = position_ids
     out["real_tokens"] = padding.sum()
     return out
 

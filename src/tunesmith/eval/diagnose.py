@@ -5,8 +5,10 @@ Classes (checked in this order; the first that holds wins):
                   oscillate: eval loss zig-zags by more than 3% of its level and the training loss is noisy
                   (robust residual > 12% of its level) or makes no progress.
 2. overfitting  — the training loss keeps falling (>= 3% after the best eval step) while the smoothed eval loss
-                  rises from its minimum by more than max(3%, 2 noise sigmas), or stays flat (< 1% better over the
-                  second half of the evaluations) while the training loss falls by > 15% over the same steps.
+                  rises from its minimum by more than max(3%, 2 noise sigmas), or stays flat: over the second half
+                  of the evaluations the training loss falls by > 15% while the eval loss improves by less than
+                  max(1%, a tenth of the training drop); or, since the first evaluation, the training loss falls by
+                  > 30% while the eval loss (first value vs median of the last three) improves by < max(2%, a tenth).
 3. lr_too_low   — both curves flat from the start: train improves < 5% (head vs tail medians) and eval < 3%.
 4. late_spike   — a training-loss spike after warm-up that recovered (a bad batch); its step is named.
 5. healthy      — otherwise. Spikes during warm-up are listed in `spikes` but do not change this.
@@ -143,6 +145,8 @@ def _eval_features(steps: list[float], values: list[float], train_steps: list[fl
         "progress": (values[0] - min(values)) / values[0] if values[0] else 0.0,
         "second_half_gain": (smooth[half] - min(smooth[half:])) / smooth[half] if n >= 4 and smooth[half] else None,
         "train_drop_second_half": 1 - train_at(steps[-1]) / train_at(steps[half]) if n >= 4 and train_at(steps[half]) else None,
+        "gain_since_first": (values[0] - median(values[-3:])) / values[0] if values[0] else 0.0,
+        "train_drop_since_first": 1 - train_at(steps[-1]) / train_at(steps[0]) if train_at(steps[0]) else 0.0,
     }
 
 
@@ -155,9 +159,15 @@ def _classify(train_progress: float, train_noise: float, diverged: bool, ev: dic
         return "lr_too_high"
     if ev is not None and ev["train_drop_after_best"] >= 0.03 and ev["rise"] > max(OVERFIT_RISE, ev["rise_noise"]):
         return "overfitting"
-    if (ev is not None and ev["second_half_gain"] is not None and ev["second_half_gain"] < 0.01
-            and (ev["train_drop_second_half"] or 0.0) > 0.15):
-        return "overfitting"
+    # "eval flat": the train loss falls a lot while the eval loss barely moves, so the gap widens (memorising).
+    # Two windows: the second half of the evaluations, and everything since the first evaluation (the eval loss
+    # may have reached its floor before the first half ended).
+    if ev is not None:
+        half_drop = ev["train_drop_second_half"] or 0.0
+        if ev["second_half_gain"] is not None and half_drop > 0.15 and ev["second_half_gain"] < max(0.01, 0.1 * half_drop):
+            return "overfitting"
+        if ev["train_drop_since_first"] > 0.3 and ev["gain_since_first"] < max(0.02, 0.1 * ev["train_drop_since_first"]):
+            return "overfitting"
     if train_progress < FLAT_TRAIN and (ev is None or ev["progress"] < FLAT_EVAL):
         return "lr_too_low"
     if late_spikes:

@@ -67,7 +67,7 @@ class LoopContext:
 
 
 def forward_loss(model, method, batch: dict[str, torch.Tensor], precision: str, device) -> tuple[torch.Tensor, int]:
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")}
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     dtype = autocast_dtype(precision)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         logits = model(**inputs).logits

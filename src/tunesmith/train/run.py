@@ -184,7 +184,9 @@ def run_training(config: RunConfig, resume: bool = False, log=print) -> dict[str
     summary: dict[str, Any] = {}
     if main:
         method.save(model, run_dir / "adapter", config.method, config.model.name_or_path)
-        after = _task_eval(config, model, tokenizer, "tuned", say) if _has_test(config) else None
+        after = None
+        if _has_test(config):
+            after = _task_eval(config, method.prepare_for_generation(model), tokenizer, "tuned", say)
         summary = {
             "name": config.output.name, "method": method.name, "base_model": config.model.name_or_path,
             "run_dir": str(run_dir), "steps": state.step, "max_steps": state.max_steps,
