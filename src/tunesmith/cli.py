@@ -591,14 +591,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from tunesmith.config import ConfigError
-    from tunesmith.data.formats import RecordError
     from tunesmith.data.errors import PrepareError
-    from tunesmith.registry.errors import RegistryError
-    from tunesmith.methods.base import MethodError
+    from tunesmith.data.formats import RecordError
     from tunesmith.eval.metrics import MetricError
     from tunesmith.eval.report import EvalError
+    from tunesmith.methods.base import MethodError
     from tunesmith.models.facts import ModelFactsError
     from tunesmith.plan.report import PlanError
+    from tunesmith.registry.errors import RegistryError
 
     parser = build_parser()
     args = parser.parse_args(argv)

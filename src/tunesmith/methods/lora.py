@@ -45,7 +45,8 @@ class LoraMethod(Method):
         for peft_config in model.peft_config.values():
             peft_config.base_model_name_or_path = base_model  # the id users know, not a local cache path
         with atomic_dir(directory) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            # tunesmith never resizes the vocabulary; peft's "auto" would query the hub for the base config to check
+            model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
             write_method_file(tmp, self.name, base_model, config)
 
     def load(self, base: nn.Module, directory: Path) -> nn.Module:

@@ -117,7 +117,7 @@ class PromptLearningMethod(Method):
         for peft_config in model.peft_config.values():
             peft_config.base_model_name_or_path = base_model
         with atomic_dir(directory) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
             write_method_file(tmp, self.name, base_model, config)
 
     def load(self, base: nn.Module, directory: Path) -> nn.Module:
