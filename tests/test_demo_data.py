@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import requires_reference
+from tests.conftest import requires_reference
 from tunesmith.data.formats import read_conversations
 
 GENERATOR = Path(__file__).resolve().parents[1] / "examples" / "contracts" / "generate.py"

@@ -18,7 +18,7 @@ import random
 
 import pytest
 
-from conftest import requires_reference
+from tests.conftest import requires_reference
 
 pytestmark = [pytest.mark.reference, pytest.mark.slow, requires_reference]
 
