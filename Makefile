@@ -12,7 +12,6 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test]'
 	touch $(STAMP)
 

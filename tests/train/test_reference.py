@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from tests.conftest import requires_reference
 
+from tests.conftest import requires_reference
 from tunesmith.config import ModelConfig, load_config
 from tunesmith.data.formats import Conversation
 from tunesmith.data.render import IGNORE_INDEX, render_example

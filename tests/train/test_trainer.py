@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.train.conftest import read_metrics
 
+from tests.train.conftest import read_metrics
 from tunesmith.train.run import run_training
 
 
