@@ -141,8 +141,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
+    from tunesmith.atomic import write_text as atomic_write_text
     from tunesmith.data.convert import convert_file, to_jsonl
-    from tunesmith.data.prepare import atomic_write_text
 
     records, problems = convert_file(args.file, args.to, args.format)
     for problem in problems:

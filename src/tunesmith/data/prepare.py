@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tunesmith.atomic import write_text as atomic_write_text
 from tunesmith.data import dedup, diversity, lengths, pii, split
 from tunesmith.data.errors import PrepareError
 from tunesmith.data.formats import Conversation, canonical_json, snapshot_hash
@@ -248,14 +247,6 @@ def check(files: list[str], options: PrepareOptions | None = None, tokenizer: An
     """Validate and measure without writing anything: the manifest's counts (split paths are None)."""
     options = options or PrepareOptions()
     return public(run_pipeline(files, options, tokenizer or _load_tokenizer(options.tokenizer)))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.write(text)
-    os.chmod(temp, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
-    os.replace(temp, path)
 
 
 def _jsonl(rows: list[Any]) -> str:

@@ -174,7 +174,7 @@ def markdown_to_html(markdown: str) -> str:
 
 def write_report(out: Path, manifest: dict[str, Any], quarantine: list[dict], removed: list[dict],
                  per_reason: int = 3) -> dict[str, str]:
-    from tunesmith.data.prepare import atomic_write_text
+    from tunesmith.atomic import write_text as atomic_write_text
 
     charts = write_charts(out, manifest)
     markdown = build_markdown(manifest, _examples(quarantine, removed, per_reason), _duplicate_clusters(removed), charts)

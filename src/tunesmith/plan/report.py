@@ -11,13 +11,12 @@ JSON (stable keys):
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunesmith.atomic import write_text
 from tunesmith.config import MethodConfig, RunConfig, resolved_yaml
 from tunesmith.models.facts import ModelFacts, model_facts
 from tunesmith.plan.advice import decide, hyperparameters
@@ -198,17 +197,9 @@ def run_config(req: PlanRequest, plan: dict[str, Any]) -> RunConfig:
 
 
 def write_run_config(path: str | Path, config: RunConfig) -> Path:
-    """Atomic write: a temp file in the same folder, then os.replace."""
+    """Atomic write (tunesmith.atomic): a reader sees the old file or the whole new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("# written by `tunesmith plan`; edit data.train before `tunesmith train`\n" + resolved_yaml(config))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text(path, "# written by `tunesmith plan`; edit data.train before `tunesmith train`\n" + resolved_yaml(config))
     return path
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from tunesmith.atomic import write_text as atomic_write_text
 from tunesmith.registry import hooks
 from tunesmith.registry.errors import ArtifactError
 
@@ -100,19 +101,6 @@ def cached_file_sha256(path: str | Path) -> str:
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cache_file, json.dumps(cache, indent=0))
     return sha
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------- store
