@@ -11,15 +11,6 @@ import yaml
 from tunesmith.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread for tiny models: on the busy shared machine two threads were much slower per forward."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def adapter_run(tiny_model_dir, tmp_path_factory):
     """runs/lora-a/{config.yaml, adapter/}, a sibling runs/older/eval.json, and a test file."""

@@ -13,15 +13,6 @@ from tunesmith.eval import forgetting as fg
 from tunesmith.eval.lm_eval_adapter import LmEvalUnavailable, lm_eval_available, run_lm_eval
 from tunesmith.train.callbacks import TrainState
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread for tiny models: on the busy shared machine two threads were much slower per forward."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 PROMPTS = fg.load_general_prompts(6)
 
 

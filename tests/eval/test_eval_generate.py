@@ -14,15 +14,6 @@ from tunesmith.eval.task import evaluate_task, split_conversation
 from tunesmith.models.tiny import build_tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread for tiny models: on the busy shared machine two threads were much slower per forward."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _spread_model(seed: int = 1):
     """A tiny model with large random weights: near-uniform logits would make every reply the same token."""
     model, tokenizer = build_tiny_model("llama")

@@ -35,16 +35,6 @@ def chaotic_base():
     return model, tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy shared machine two threads made each forward
-    ~25x slower (measured: 10 forwards 0.28 s with one thread vs 7 s with two under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tuned(name: str, base):
     method = get_method(name)
     config = MethodConfig.model_validate({"name": name, name: {"num_virtual_tokens": 5}})

@@ -17,17 +17,6 @@ from transformers import AutoModelForCausalLM
 from tunesmith.config import MethodConfig
 from tunesmith.methods.registry import available_methods, get_method
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy shared machine two threads made each forward
-    ~25x slower (measured: 10 forwards 0.28 s with one thread vs 7 s with two under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 METHODS = ["full", "lora", "qlora", "prefix", "prompt", "adapters"]
 OPTIONS = {
     "lora": {"lora": {"r": 4, "dropout": 0.0}},

@@ -16,15 +16,6 @@ from tunesmith.methods.merge import merge_run
 from tunesmith.methods.registry import get_method, load_trained
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread for tiny models (two threads were ~25x slower per forward on the busy shared machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def trained_adapter(name: str, base_dir, out_dir, options: dict | None = None):
     """Apply `name` to the tiny base, move its weights off their init, save it as a run's adapter/ would be."""
     method = get_method(name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
@@ -18,14 +17,6 @@ from tunesmith.serve.testing import expected_table, make_lora_adapter
 
 ACME, GLOBEX, ADMIN = "sk-acme-0001", "sk-globex-0001", "admin-key-0001"
 PROMPT = "hello world"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

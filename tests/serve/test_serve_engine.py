@@ -18,15 +18,6 @@ PROMPTS = ["hello world", "the quick brown fox jumps over", "a", "lorem ipsum do
 NEW_TOKENS = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 shared cores: intra-op threads fight other processes and make tiny forwards 30x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("serve-engine")

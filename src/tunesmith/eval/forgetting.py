@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tunesmith.eval.generate import generate_batch, render_prompts
+from tunesmith.eval.generate import eval_mode, generate_batch, render_prompts
 from tunesmith.eval.metrics import squad_tokens
 
 SHORT_ANSWER_SUFFIX = "\nAnswer with just the answer."
@@ -69,17 +69,6 @@ def load_general_text() -> str:
 # ------------------------------------------------------------------------------------------- helpers
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-@contextmanager
-def _eval_mode(model) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        if was_training:
-            model.train()
 
 
 @contextmanager
@@ -138,11 +127,11 @@ def kl_drift(tuned, tokenizer, prompts: list[str], base_model=None, batch_size: 
     """Exact mean KL(base || tuned) over all prompt positions (both models live). Returns {"kl", "positions"}."""
     sequences = render_prompts(tokenizer, [[{"role": "user", "content": p}] for p in prompts])
     total, positions = 0.0, 0
-    with _eval_mode(tuned):
+    with eval_mode(tuned):
         for index in _sorted_batches(sequences, batch_size):
             ids, mask = _padded([sequences[i] for i in index], _pad_id(tokenizer))
             tuned_lp = _log_probs(tuned, ids, mask)
-            with base_view(tuned, base_model) as base, _eval_mode(base):
+            with base_view(tuned, base_model) as base, eval_mode(base):
                 base_lp = _log_probs(base, ids, mask)
             kl = (base_lp.exp() * (base_lp - tuned_lp)).sum(-1)  # (batch, seq)
             weights = mask.to(kl.device).float()
@@ -158,7 +147,7 @@ def reference_distributions(model, tokenizer, prompts: list[str], top_k: int = 2
     log-probabilities plus the log of the remaining mass (all other tokens merged into one bucket)."""
     sequences = render_prompts(tokenizer, [[{"role": "user", "content": p}] for p in prompts])
     cached: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [None] * len(sequences)  # type: ignore[list-item]
-    with _eval_mode(model):
+    with eval_mode(model):
         for index in _sorted_batches(sequences, batch_size):
             ids, mask = _padded([sequences[i] for i in index], _pad_id(tokenizer))
             log_probs = _log_probs(model, ids, mask)
@@ -185,7 +174,7 @@ def kl_from_reference(model, tokenizer, reference: dict[str, Any], batch_size: i
     """Mean coarsened KL(base || model) against a `reference_distributions` cache (no base model needed)."""
     sequences = reference["sequences"]
     total, positions = 0.0, 0
-    with _eval_mode(model):
+    with eval_mode(model):
         for index in _sorted_batches(sequences, batch_size):
             ids, mask = _padded([sequences[i] for i in index], _pad_id(tokenizer))
             log_probs = _log_probs(model, ids, mask)
@@ -229,7 +218,7 @@ def choice_scores(model, tokenizer, probes: list[dict[str, Any]], batch_size: in
             choice_ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
             pairs.append((i, j, prompt + choice_ids, len(prompt)))
     scores = [[0.0] * len(p["choices"]) for p in probes]
-    with _eval_mode(model):
+    with eval_mode(model):
         for index in _sorted_batches([p[2] for p in pairs], batch_size):
             ids, mask = _padded([pairs[k][2] for k in index], _pad_id(tokenizer))
             log_probs = _log_probs(model, ids, mask)
@@ -257,7 +246,7 @@ def probe_accuracy(model, tokenizer, probes: list[dict[str, Any]], batch_size: i
             items.append({"id": probe["id"], "category": probe["category"], "kind": "mc",
                           "correct": chosen == probe["answer"], "chosen": chosen})
     if short:
-        with _eval_mode(model):
+        with eval_mode(model):
             replies = generate_batch(model, tokenizer,
                                      [[{"role": "user", "content": p["question"] + SHORT_ANSWER_SUFFIX}] for p in short],
                                      max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -297,7 +286,7 @@ def perplexity(model, tokenizer, text: str, window: int = 256, max_tokens: int |
     windows = [ids[i : i + window] for i in range(0, len(ids), window)]
     windows = [w for w in windows if len(w) >= 2]
     nll, count = 0.0, 0
-    with _eval_mode(model):
+    with eval_mode(model):
         for chunk in _batches(windows, batch_size):
             batch, mask = _padded(chunk, _pad_id(tokenizer))
             log_probs = _log_probs(model, batch, mask)[:, :-1]

@@ -50,7 +50,7 @@ def render_prompts(tokenizer, prompts: list[list[dict[str, str]]]) -> list[list[
 
 
 @contextmanager
-def _eval_mode(model):
+def eval_mode(model):
     was_training = model.training
     model.eval()
     try:
@@ -101,7 +101,7 @@ def generate_token_ids(
     device = _device(model)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     results: list[list[int]] = [[] for _ in prompt_ids]
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             width = max(len(prompt_ids[i]) for i in chunk)
