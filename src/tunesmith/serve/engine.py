@@ -219,7 +219,7 @@ class Engine:
     def _prefill(self, joiners: list[GenRequest]) -> None:
         """Run the joiners' prompts together (left-padded, mixed adapters), sample their first token, merge caches."""
         ids, mask, positions = left_pad([r.prompt_ids for r in joiners], self.pad_id)
-        cache = DynamicCache(config=self.model.config)
+        cache = kv.new_cache(self.model.config)
         logits = self._forward(joiners, ids, mask, positions, cache)
         finished = self._advance(joiners, logits)
         keep = torch.tensor([i for i in range(len(joiners)) if i not in finished], dtype=torch.long)

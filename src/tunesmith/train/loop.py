@@ -24,6 +24,7 @@ from transformers import get_scheduler
 from tunesmith.config import TrainConfig
 from tunesmith.data.pack import Pack, collate, epoch_order
 from tunesmith.data.render import IGNORE_INDEX
+from tunesmith.methods.base import Method
 from tunesmith.models.hardware import autocast_dtype
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.callbacks import TrainState, call
@@ -66,13 +67,51 @@ class LoopContext:
     log: Any = print
 
 
+def output_head(model) -> torch.nn.Module | None:
+    """The module that maps final hidden states to logits (lm_head), through DDP and peft wrappers; None if unknown."""
+    inner = getattr(model, "module", model)  # DDP / FSDP wrappers
+    getter = getattr(inner, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return head if isinstance(head, torch.nn.Module) else None
+
+
 def forward_loss(model, method, batch: dict[str, torch.Tensor], precision: str, device) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the labelled positions of a batch, and their count.
+
+    Logits are computed for labelled positions only: a forward pre-hook on the output head keeps just the hidden
+    states whose next token is a target, so neither the vocabulary projection (576 x 49,152 on the reference model)
+    nor the fp32 cross-entropy runs over prompt tokens and padding. The model's own forward still runs end to end
+    (so logit soft-capping or scaling that a model applies after its head still applies). Methods that prepend
+    virtual positions (prompt tuning: `align_logits`) take the full-logits path.
+    """
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    labels = batch["labels"].to(device)
     dtype = autocast_dtype(precision)
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        logits = model(**inputs).logits
-    logits = method.align_logits(logits, inputs["input_ids"]) if hasattr(method, "align_logits") else logits
-    return causal_lm_loss_sum(logits, batch["labels"].to(device))
+    head = output_head(model)
+    if head is None or getattr(type(method), "align_logits", Method.align_logits) is not Method.align_logits:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(**inputs).logits
+        return causal_lm_loss_sum(method.align_logits(logits, inputs["input_ids"]), labels)
+    keep = labels[:, 1:] != IGNORE_INDEX  # hidden state t predicts token t + 1
+
+    def select(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["input"]
+        if hidden.shape[:2] != labels.shape:
+            raise RuntimeError(f"output head got hidden states {tuple(hidden.shape)} for labels {tuple(labels.shape)}")
+        selected = hidden[:, :-1][keep].unsqueeze(0)
+        if args:
+            return (selected, *args[1:]), kwargs
+        return args, {**kwargs, "input": selected}
+
+    handle = head.register_forward_pre_hook(select, with_kwargs=True)
+    try:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(**inputs).logits  # (1, labelled positions, vocab)
+    finally:
+        handle.remove()
+    targets = labels[:, 1:][keep]
+    loss = F.cross_entropy(logits[0].float(), targets, reduction="sum")
+    return loss, int(targets.numel())
 
 
 def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:

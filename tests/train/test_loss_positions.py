@@ -1,0 +1,54 @@
+"""forward_loss computes logits only at labelled positions (a pre-hook on the output head): its loss and its
+gradients must equal the plain full-logits computation, for every method, and the hook must not outlive the call."""
+
+import pytest
+import torch
+
+from tunesmith.config import MethodConfig
+from tunesmith.data.pack import collate, pack_examples, single_packs
+from tunesmith.data.render import render_dataset
+from tunesmith.methods.registry import get_method
+from tunesmith.train.loop import causal_lm_loss_sum, forward_loss, output_head
+from tests.train.test_render_pack import conv
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["lora", "full", "adapters", "prompt", "prefix"])
+def test_labelled_position_loss_equals_full_logits_loss(tiny_arch, name):
+    from tunesmith.models.tiny import build_tiny_model
+
+    torch.manual_seed(0)
+    base, tokenizer = build_tiny_model(tiny_arch)
+    method = get_method(name)
+    model = method.apply(base, MethodConfig(name=name))
+    model.eval()  # no dropout: both computations see the same function
+    conversations = [conv(f"question {i} " * (i + 1), f"answer {i} " * (i % 3 + 1)) for i in range(5)]
+    examples, _ = render_dataset(tokenizer, conversations, 256)
+    if method.supports_packing:
+        batch = collate(pack_examples(examples, 128), tokenizer.pad_token_id, block_mask=True)
+    else:  # prompt learning prepends virtual tokens: one example per row, right-padded
+        batch = collate(single_packs(examples), tokenizer.pad_token_id, block_mask=False)
+    cpu = torch.device("cpu")
+
+    if name != "prompt":  # the labelled-position path is taken (prompt tuning keeps full logits, see forward_loss)
+        assert output_head(model) is not None
+    loss, n = forward_loss(model, method, batch, "fp32", cpu)
+    loss.backward()
+    fast = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = method.align_logits(model(**inputs).logits, batch["input_ids"])
+    assert logits.shape[:2] == batch["input_ids"].shape  # the hook is gone: full logits again
+    ref, ref_n = causal_lm_loss_sum(logits, batch["labels"])
+    ref.backward()
+    slow = _grads(model)
+
+    assert n == ref_n > 0
+    assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item())
+    assert fast.keys() == slow.keys() and fast
+    for key in fast:
+        assert torch.allclose(fast[key], slow[key], rtol=1e-4, atol=1e-6), key
