@@ -4,12 +4,12 @@ gradients must equal the plain full-logits computation, for every method, and th
 import pytest
 import torch
 
+from tests.train.test_render_pack import conv
 from tunesmith.config import MethodConfig
 from tunesmith.data.pack import collate, pack_examples, single_packs
 from tunesmith.data.render import render_dataset
 from tunesmith.methods.registry import get_method
 from tunesmith.train.loop import causal_lm_loss_sum, forward_loss, output_head
-from tests.train.test_render_pack import conv
 
 
 def _grads(model):
