@@ -95,6 +95,13 @@ class PrefixOptions(Section):
     num_virtual_tokens: int = Field(20, gt=0, description="Virtual tokens per layer (key and value).")
     projection: bool = Field(False, description="Reparameterise the prefix through an MLP during training.")
     projection_hidden: int = Field(512, gt=0, description="Hidden size of the reparameterisation MLP.")
+    init: Literal["random", "text"] = Field(
+        "random", description="random (peft's N(0,1)) or text: the base model's own keys/values of init_text."
+    )
+    init_text: str | None = Field(None, description="Text whose per-layer keys/values initialise the prefix.")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer (path or id) for init_text; None = the base model's own path."
+    )
 
 
 class PromptOptions(Section):

@@ -44,3 +44,20 @@ def test_two_processes_follow_the_single_process_curve(make_config, tmp_path):
     assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
     summary = yaml.safe_load((root / "ddp" / "summary.json").read_text())
     assert summary["processes"] == 2
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_training_is_refused_clearly(make_config, tmp_path, monkeypatch, kind):
+    """Checkpoints read the unwrapped model's parameters, right for DDP only: sharded setups get a clear error."""
+    import accelerate
+
+    from tunesmith.config import ConfigError
+    from tunesmith.train.run import run_training
+
+    class Sharded:
+        def __init__(self, *args, **kwargs):
+            self.distributed_type = type("T", (), {"name": kind})()
+
+    monkeypatch.setattr(accelerate, "Accelerator", Sharded)
+    with pytest.raises(ConfigError, match=f"{kind}.*not support"):
+        run_training(make_config(), log=lambda *a, **k: None)

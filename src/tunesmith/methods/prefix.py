@@ -12,6 +12,7 @@ do not know about: both are refused, clearly.
 
 from __future__ import annotations
 
+import torch
 from peft import PrefixTuningConfig
 from torch import nn
 
@@ -48,11 +49,64 @@ class PrefixMethod(PromptLearningMethod):
             encoder_hidden_size=options.projection_hidden,
         )
 
+    def apply(self, model: nn.Module, config: MethodConfig) -> nn.Module:
+        options = config.prefix
+        if options.init == "text":
+            if options.projection:
+                raise MethodError("method.prefix.init 'text' sets the prefix itself; with projection: true the MLP "
+                                  "produces it. Use one or the other")
+            if not options.init_text:
+                raise MethodError("method.prefix.init is 'text' but method.prefix.init_text is empty; give the text")
+        peft_model = super().apply(model, config)
+        if options.init == "text":
+            init_prefix_from_text(peft_model, options.init_text, options.tokenizer)
+        return peft_model
+
     def enable_gradient_checkpointing(self, model: nn.Module) -> None:
         raise MethodError(
             "prefix: gradient checkpointing is not supported with prefix tuning (the prefix lives in the KV cache, "
             "which recomputation does not rebuild); set train.gradient_checkpointing: false or use method.name: lora"
         )
+
+
+def init_prefix_from_text(peft_model, text: str, tokenizer_name: str | None = None) -> None:
+    """Set the prefix to the base model's own keys and values for `text` (its first n tokens, repeated if shorter).
+
+    Li & Liang (2021, section 7.2) found initialising the prefix with real words' activations far better than
+    random; peft offers it for prompt tuning only. A random N(0,1) prefix is 20 extra key/value columns unlike any
+    the model has seen: on the reference model it raised the first-step loss on the demo task from 1.0 to 6.4.
+    With this initialisation the prefixed model on input X equals the base model on text + X (tested), so
+    training starts from the base model's behaviour with the text as context.
+    """
+    from transformers import AutoTokenizer, DynamicCache
+
+    peft_config = peft_model.active_peft_config
+    n = peft_config.num_virtual_tokens
+    base = peft_model.get_base_model()
+    name = tokenizer_name or getattr(base.config, "_name_or_path", "")
+    if not name:
+        raise MethodError("method.prefix.init 'text' needs a tokenizer: set method.prefix.tokenizer to its path")
+    ids = AutoTokenizer.from_pretrained(name)(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise MethodError(f"method.prefix.init_text {text!r} has no tokens")
+    ids = (ids * (n // len(ids) + 1))[:n]
+    device = next(base.parameters()).device
+    cache = DynamicCache(config=base.config)
+    with torch.no_grad():
+        base(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True)
+    # peft's layout: weight (n, layers * 2 * token_dim), viewed as (n, layers * 2, heads, head_dim); row l * 2 is
+    # layer l's keys and l * 2 + 1 its values (PeftModel.get_prompt).
+    columns = []
+    for layer in cache.layers:
+        for states in (layer.keys, layer.values):  # (1, kv_heads, n, head_dim)
+            columns.append(states[0].permute(1, 0, 2).reshape(n, -1))
+    weight = torch.cat(columns, dim=1)
+    embedding = peft_model.prompt_encoder[peft_model.active_adapter].embedding
+    if weight.shape != embedding.weight.shape:
+        raise MethodError(f"prefix init from text: keys/values {tuple(weight.shape)} do not match peft's prefix "
+                          f"{tuple(embedding.weight.shape)} for {type(base).__name__}")
+    with torch.no_grad():
+        embedding.weight.copy_(weight.to(embedding.weight.dtype))
 
 
 METHOD = PrefixMethod()

@@ -117,6 +117,12 @@ def run_training(config: RunConfig, resume: bool = False, log=print) -> dict[str
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    sharded = accelerator.distributed_type.name
+    if sharded in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        # Checkpoints, the best-model reload and the adapter save read parameters from the unwrapped model: right
+        # for single process and DDP (full replicas), wrong for sharded parameters. Refuse rather than save shards.
+        raise ConfigError(f"accelerate is configured for {sharded}, which tunesmith does not support yet; "
+                          "use data parallelism (DDP: torchrun or `accelerate launch` without FSDP/DeepSpeed)")
     main = accelerator.is_main_process
     say = log if main else (lambda *a, **k: None)
     started = time.perf_counter()
