@@ -13,7 +13,7 @@ median over steps of (tokens of the step / tokens per second), which leaves out 
 
     python bench/method_table.py --quick           # tiny model, 4 steps: smoke test (244 s at load ~7, mostly
                                                    # the six subprocess start-ups; not yet timed idle)
-    python bench/method_table.py --steps 20 --eval-examples 12 --md docs/method_table.md
+    python bench/method_table.py --steps 30 --batch 4 --eval-examples 16 --json   # docs/method_table.md (38 min)
 Last line: ratio=<lora test score / full test score>; --json prints {"methods": {...}} just before it.
 """
 

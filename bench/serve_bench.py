@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import threading
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="requests per client, one after another")
     parser.add_argument("--max-tokens", type=int, default=16, help="new tokens per request")
     parser.add_argument("--adapters", default="1,8,32", help="adapter counts to measure")
+    parser.add_argument("--repeats", type=int, default=1, help="rotations of all modes; ratios are medians over them")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the generated adapters")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", action="store_true", help="print a JSON record at the end")
@@ -178,20 +180,25 @@ def main(argv: list[str] | None = None) -> int:
                 loaded.add(name)
         jobs = make_jobs(prompts, names, args.clients, args.rounds)
         run_engine(engine, make_jobs(prompts, names, args.clients, 1), 2)  # every adapter hot before timing
-        # the base again right before, on the same jobs: machine load drifts, adjacent runs compare fairly
-        row = {"base": summarize("base", n, *run_engine(engine, make_jobs(prompts, [None], args.clients, args.rounds),
-                                                        args.max_tokens))}
-        print(json.dumps(row["base"]), flush=True)
-        row["tunesmith"] = summarize("tunesmith", n, *run_engine(engine, jobs, args.max_tokens))
-        print(json.dumps(row["tunesmith"]), flush=True)
-        row["peft-mixed"] = summarize("peft-mixed", n, *run_peft(peft_model, tokenizer, jobs, args.max_tokens, False))
-        print(json.dumps(row["peft-mixed"]), flush=True)
-        row["naive"] = summarize("naive", n, *run_peft(peft_model, tokenizer, jobs, args.max_tokens, True))
-        print(json.dumps(row["naive"]), flush=True)
-        records += row.values()
-        tps = {k: v["tokens_per_s"] for k, v in row.items()}
-        ratios[n] = {"vs_base": tps["tunesmith"] / tps["base"],
-                     "vs_peft_mixed": tps["tunesmith"] / tps["peft-mixed"], "vs_naive": tps["tunesmith"] / tps["naive"]}
+        base_jobs = make_jobs(prompts, [None], args.clients, args.rounds)
+        # Modes run in rotation, `--repeats` times: this machine's speed drifts by 10-20% over minutes, so each
+        # ratio is taken within one rotation (adjacent runs) and the median over rotations is reported.
+        per_round = []
+        for _ in range(args.repeats):
+            row = {"base": summarize("base", n, *run_engine(engine, base_jobs, args.max_tokens))}
+            print(json.dumps(row["base"]), flush=True)
+            row["tunesmith"] = summarize("tunesmith", n, *run_engine(engine, jobs, args.max_tokens))
+            print(json.dumps(row["tunesmith"]), flush=True)
+            row["peft-mixed"] = summarize("peft-mixed", n, *run_peft(peft_model, tokenizer, jobs, args.max_tokens, False))
+            print(json.dumps(row["peft-mixed"]), flush=True)
+            row["naive"] = summarize("naive", n, *run_peft(peft_model, tokenizer, jobs, args.max_tokens, True))
+            print(json.dumps(row["naive"]), flush=True)
+            records += row.values()
+            tps = {k: v["tokens_per_s"] for k, v in row.items()}
+            per_round.append({"vs_base": tps["tunesmith"] / tps["base"], "vs_peft_mixed": tps["tunesmith"] / tps["peft-mixed"],
+                              "vs_naive": tps["tunesmith"] / tps["naive"]})
+        ratios[n] = {k: statistics.median(r[k] for r in per_round) for k in per_round[0]}
+        ratios[n]["rounds"] = [{k: round(v, 3) for k, v in r.items()} for r in per_round]
     engine.close()
 
     print(f"\nmodel={'tiny' if args.tiny else 'SmolLM2-135M-Instruct'} clients={args.clients} rounds={args.rounds} "
@@ -201,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['mode']:<11}{r['adapters']:>9}{r['tokens_per_s']:>10.1f}{r['p50_s']:>9.3f}{r['p99_s']:>9.3f}")
     for n, r in ratios.items():
         print(f"adapters={n}: tunesmith/base={r['vs_base']:.2f} tunesmith/peft-mixed={r['vs_peft_mixed']:.2f} "
-              f"tunesmith/naive={r['vs_naive']:.2f}")
+              f"tunesmith/naive={r['vs_naive']:.2f}  (median of {len(r['rounds'])}; per rotation "
+              + ", ".join(f"{x['vs_base']:.2f}/{x['vs_peft_mixed']:.2f}/{x['vs_naive']:.2f}" for x in r["rounds"]) + ")")
     top = ratios[max(ratios)]
     targets = {"vs_base": 0.9, "vs_peft_mixed": 1.5, "vs_naive": 4.0}
     met = {k: top[k] >= v for k, v in targets.items()}

@@ -178,8 +178,11 @@ class AdapterCache:
             old_a, old_b = layer.a_stack, layer.b_stack
             if old_a is not None and old_a.shape[0] >= capacity and old_a.shape[1] == rank:
                 continue
-            a = torch.zeros(capacity, rank, layer.in_features, dtype=self.dtype, device=self.device)
-            b = torch.zeros(capacity, layer.out_features, rank, dtype=self.dtype, device=self.device)
+            # Stored slot-major in the layout bmm wants, (slots, in, r) and (slots, r, out), and exposed through
+            # transposed views with the documented (slots, r, in) / (slots, out, r) shapes: gathering rows' weights
+            # is then one index_select that is already contiguous (see batched_lora.gather).
+            a = torch.zeros(capacity, layer.in_features, rank, dtype=self.dtype, device=self.device).transpose(1, 2)
+            b = torch.zeros(capacity, rank, layer.out_features, dtype=self.dtype, device=self.device).transpose(1, 2)
             if old_a is not None:
                 n, r = old_a.shape[0], old_a.shape[1]
                 a[:n, :r] = old_a
