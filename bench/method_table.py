@@ -11,8 +11,8 @@ Scores are field_f1 (mean over the evaluated examples) on the first N test and o
 "relative to full FT" = test score / full fine-tuning's test score measured in the same run. Step time is the
 median over steps of (tokens of the step / tokens per second), which leaves out evaluation and checkpoint time.
 
-    python bench/method_table.py --quick           # tiny model, 4 steps: smoke test (244 s at load ~7, mostly
-                                                   # the six subprocess start-ups; not yet timed idle)
+    python bench/method_table.py --quick           # tiny model, 4 steps: smoke test (1 min 46 s wall on an idle
+                                                   # 2-core machine, mostly the six subprocess start-ups)
     python bench/method_table.py --steps 30 --batch 4 --eval-examples 16 --json   # docs/method_table.md (38 min)
 Last line: ratio=<lora test score / full test score>; --json prints {"methods": {...}} just before it.
 """
