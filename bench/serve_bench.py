@@ -11,6 +11,7 @@ tunesmith/base >= 0.9, tunesmith/peft-mixed >= 1.5, tunesmith/naive >= 4.
 
     python bench/serve_bench.py --tiny            # seconds, tiny random model
     python bench/serve_bench.py                   # SmolLM2-135M-Instruct (make reference)
+    python bench/serve_bench.py --rounds 2 --max-tokens 32 --repeats 2   # docs/benchmarks.md (~12 min)
 """
 
 from __future__ import annotations
