@@ -18,7 +18,7 @@ from torch import nn
 
 from tunesmith.config import MethodConfig
 from tunesmith.methods.base import MethodError
-from tunesmith.methods.prompt_learning import MERGE_REFUSAL, PromptLearningMethod
+from tunesmith.methods.prompt_learning import MERGE_REFUSAL, PromptLearningMethod, text_init_tokenizer
 
 
 def prefix_trainable_count(layers: int, kv_width: int, config: MethodConfig) -> int:
@@ -51,15 +51,14 @@ class PrefixMethod(PromptLearningMethod):
 
     def apply(self, model: nn.Module, config: MethodConfig) -> nn.Module:
         options = config.prefix
-        if options.init == "text":
-            if options.projection:
-                raise MethodError("method.prefix.init 'text' sets the prefix itself; with projection: true the MLP "
-                                  "produces it. Use one or the other")
-            if not options.init_text:
-                raise MethodError("method.prefix.init is 'text' but method.prefix.init_text is empty; give the text")
+        if options.init == "random":
+            return super().apply(model, config)
+        if options.projection:
+            raise MethodError("method.prefix.init 'text' sets the prefix itself; with projection: true the MLP "
+                              "produces it. Use one or the other")
+        tokenizer = text_init_tokenizer("prefix", options, model)
         peft_model = super().apply(model, config)
-        if options.init == "text":
-            init_prefix_from_text(peft_model, options.init_text, options.tokenizer)
+        init_prefix_from_text(peft_model, options.init_text, tokenizer)
         return peft_model
 
     def enable_gradient_checkpointing(self, model: nn.Module) -> None:
@@ -69,7 +68,7 @@ class PrefixMethod(PromptLearningMethod):
         )
 
 
-def init_prefix_from_text(peft_model, text: str, tokenizer_name: str | None = None) -> None:
+def init_prefix_from_text(peft_model, text: str, tokenizer_name: str) -> None:
     """Set the prefix to the base model's own keys and values for `text` (its first n tokens, repeated if shorter).
 
     Li & Liang (2021, section 7.2) found initialising the prefix with real words' activations far better than
@@ -83,10 +82,7 @@ def init_prefix_from_text(peft_model, text: str, tokenizer_name: str | None = No
     peft_config = peft_model.active_peft_config
     n = peft_config.num_virtual_tokens
     base = peft_model.get_base_model()
-    name = tokenizer_name or getattr(base.config, "_name_or_path", "")
-    if not name:
-        raise MethodError("method.prefix.init 'text' needs a tokenizer: set method.prefix.tokenizer to its path")
-    ids = AutoTokenizer.from_pretrained(name)(text, add_special_tokens=False)["input_ids"]
+    ids = AutoTokenizer.from_pretrained(tokenizer_name)(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise MethodError(f"method.prefix.init_text {text!r} has no tokens")
     ids = (ids * (n // len(ids) + 1))[:n]

@@ -13,7 +13,7 @@ from torch import nn
 
 from tunesmith.config import MethodConfig
 from tunesmith.methods.base import MethodError
-from tunesmith.methods.prompt_learning import MERGE_REFUSAL, PromptLearningMethod
+from tunesmith.methods.prompt_learning import MERGE_REFUSAL, PromptLearningMethod, text_init_tokenizer
 
 
 def prompt_trainable_count(hidden: int, config: MethodConfig) -> int:
@@ -29,11 +29,7 @@ class PromptMethod(PromptLearningMethod):
         options = config.prompt
         if options.init == "random":
             return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=options.num_virtual_tokens)
-        if not options.init_text:
-            raise MethodError("method.prompt.init is 'text' but method.prompt.init_text is empty; give the text")
-        tokenizer = options.tokenizer or getattr(model.config, "_name_or_path", "")
-        if not tokenizer:
-            raise MethodError("method.prompt.init 'text' needs a tokenizer: set method.prompt.tokenizer to its path")
+        tokenizer = text_init_tokenizer("prompt", options, model)
         return PromptTuningConfig(
             task_type="CAUSAL_LM",
             num_virtual_tokens=options.num_virtual_tokens,

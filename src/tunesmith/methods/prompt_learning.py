@@ -97,6 +97,17 @@ def install_cached_generation(model: PeftModel) -> PeftModel:
     return model
 
 
+def text_init_tokenizer(method: str, options, model: nn.Module) -> str:
+    """The tokenizer for `method.<method>.init: text` (its own option, else the base model's path), after checking
+    that init_text is given; a MethodError names the option to set."""
+    if not options.init_text:
+        raise MethodError(f"method.{method}.init is 'text' but method.{method}.init_text is empty; give the text")
+    tokenizer = options.tokenizer or getattr(model.config, "_name_or_path", "")
+    if not tokenizer:
+        raise MethodError(f"method.{method}.init 'text' needs a tokenizer: set method.{method}.tokenizer to its path")
+    return tokenizer
+
+
 class PromptLearningMethod(Method):
     """Shared persistence (peft's layout) and generation for prefix and prompt tuning."""
 

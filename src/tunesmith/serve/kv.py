@@ -19,56 +19,39 @@ class GrowableLayer(DynamicLayer):
     Why not transformers' DynamicLayer: it runs torch.cat over the whole cache on every decode step, so each step
     allocates and copies the entire KV cache of every layer (batch 32 x ~70 tokens on SmolLM2-135M: ~90 MB a step).
     Profiled on this machine, that cat cost 15-40% of a decode step and varied 3-10x between runs with the heap's
-    state. Here a step writes its new columns in place and returns views; the buffer grows by half its length when
-    full (amortised O(1) per token). StaticCache does not fit: continuous batching changes the batch rows every few
-    steps (kv.merge / kv.keep_rows assign `keys` / `values`, which simply become the new buffers).
+    state. Here `keys` / `values` stay plain tensors (as in DynamicLayer), each a prefix view of a buffer with spare
+    capacity; a step writes its new columns into the buffer, which grows by half its length when full (amortised
+    O(1) per token). StaticCache does not fit: continuous batching changes the batch rows every few steps, and
+    kv.merge / kv.keep_rows (or DynamicLayer.crop) assign new `keys` / `values`; the next append sees that they are
+    no longer a view of its buffer and starts a new one from them.
     """
 
     def __init__(self, **kwargs) -> None:
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
-        self._klen = self._vlen = 0
         super().__init__(**kwargs)
-
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return None if self._k is None else self._k[:, :, : self._klen]
-
-    @keys.setter
-    def keys(self, tensor: torch.Tensor | None) -> None:
-        self._k, self._klen = tensor, (0 if tensor is None or tensor.dim() < 2 else tensor.shape[-2])
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return None if self._v is None else self._v[:, :, : self._vlen]
-
-    @values.setter
-    def values(self, tensor: torch.Tensor | None) -> None:
-        self._v, self._vlen = tensor, (0 if tensor is None or tensor.dim() < 2 else tensor.shape[-2])
+        self._buffers: dict[str, torch.Tensor] = {}  # "keys" / "values" -> the buffer their tensor is a prefix of
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
-        self.keys = key_states[:, :, :0]
-        self.values = value_states[:, :, :0]
+        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]  # 4-D and empty (DynamicLayer: 1-D)
         self.is_initialized = True
 
-    @staticmethod
-    def _append(buffer: torch.Tensor, length: int, new: torch.Tensor) -> torch.Tensor:
-        need = length + new.shape[-2]
-        if buffer.dim() != 4 or need > buffer.shape[-2] or buffer.shape[0] != new.shape[0]:
-            grown = new.new_empty(*new.shape[:2], need + max(16, need // 2), new.shape[-1])
-            grown[:, :, :length] = buffer[:, :, :length]
-            buffer = grown
+    def _append(self, name: str, current: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """current (b, h, L, d) then new (b, h, n, d): a (b, h, L + n, d) prefix view of the buffer for `name`."""
+        length, need = current.shape[-2], current.shape[-2] + new.shape[-2]
+        buffer = self._buffers.get(name)
+        if (buffer is None or current.data_ptr() != buffer.data_ptr() or current.shape[0] != buffer.shape[0]
+                or need > buffer.shape[-2]):
+            buffer = new.new_empty(*new.shape[:2], need + max(16, need // 2), new.shape[-1])
+            buffer[:, :, :length] = current
+            self._buffers[name] = buffer
         buffer[:, :, length:need] = new
-        return buffer
+        return buffer[:, :, :need]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._k = self._append(self._k, self._klen, key_states)
-        self._v = self._append(self._v, self._vlen, value_states)
-        self._klen += key_states.shape[-2]
-        self._vlen += value_states.shape[-2]
+        self.keys = self._append("keys", self.keys, key_states)
+        self.values = self._append("values", self.values, value_states)
         return self.keys, self.values
 
 

@@ -86,12 +86,6 @@ def forward_loss(model, method, batch: dict[str, torch.Tensor], precision: str, 
     """
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     labels = batch["labels"].to(device)
-    dtype = autocast_dtype(precision)
-    head = output_head(model)
-    if head is None or getattr(type(method), "align_logits", Method.align_logits) is not Method.align_logits:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(**inputs).logits
-        return causal_lm_loss_sum(method.align_logits(logits, inputs["input_ids"]), labels)
     keep = labels[:, 1:] != IGNORE_INDEX  # hidden state t predicts token t + 1
 
     def select(_module, args, kwargs):
@@ -103,12 +97,18 @@ def forward_loss(model, method, batch: dict[str, torch.Tensor], precision: str, 
             return (selected, *args[1:]), kwargs
         return args, {**kwargs, "input": selected}
 
-    handle = head.register_forward_pre_hook(select, with_kwargs=True)
+    head = output_head(model)
+    selective = head is not None and type(method).align_logits is Method.align_logits
+    handle = head.register_forward_pre_hook(select, with_kwargs=True) if selective else None
+    dtype = autocast_dtype(precision)
     try:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(**inputs).logits  # (1, labelled positions, vocab)
+            logits = model(**inputs).logits  # selective: (1, labelled positions, vocab)
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
+    if not selective:
+        return causal_lm_loss_sum(method.align_logits(logits, inputs["input_ids"]), labels)
     targets = labels[:, 1:][keep]
     loss = F.cross_entropy(logits[0].float(), targets, reduction="sum")
     return loss, int(targets.numel())
