@@ -541,17 +541,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     plan = build_plan(request)
     if args.write:
-        plan["written"] = str(write_run_config(args.write, run_config(request, plan)))
+        plan.written = str(write_run_config(args.write, run_config(request, plan)))
     if args.json:
-        print(json.dumps(plan, indent=2))
+        print(plan.to_json())
     else:
         render(plan)
         if args.write:
-            print(f"wrote {plan['written']} (method {run_config(request, plan).method.name}); train with `tunesmith train {args.write}`")
+            print(f"wrote {plan.written} (method {run_config(request, plan).method.name}); train with `tunesmith train {args.write}`")
     return 0
 
 
 def add_plan(sub) -> None:
+    from tunesmith.methods.registry import method_names
     from tunesmith.plan.advice import TASK_KINDS
 
     p = sub.add_parser("plan", help="parameter counts, memory per method, and advice before any GPU is rented")
@@ -561,7 +562,7 @@ def add_plan(sub) -> None:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="plan for GPUs (bf16) or CPU (fp32)")
     p.add_argument("--examples", type=int, help="labelled examples you have")
     p.add_argument("--task", choices=TASK_KINDS, default="instruction", help="task kind (sets rank, data advice)")
-    p.add_argument("--method", choices=["lora", "qlora", "full", "prefix", "prompt", "adapters"], help="force a method")
+    p.add_argument("--method", choices=method_names(), help="force a method")
     p.add_argument("--rank", type=int, help="LoRA rank (default by task)")
     p.add_argument("--targets", help="LoRA targets: q_proj,v_proj ... or all-linear (default all-linear)")
     p.add_argument("--virtual-tokens", type=int, help="prefix/prompt tuning virtual tokens (default 20)")
