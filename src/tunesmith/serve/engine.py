@@ -31,10 +31,31 @@ BASE = "base"
 _ids = itertools.count()
 
 
+@dataclass(frozen=True)
+class GenResult:
+    """What a finished request produced: the payload of its "done" event and what `Engine.generate` returns."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (eos or a stop string), "length", or "cancelled" (see GenRequest.cancel)
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float  # submit to last token
+    ttft_s: float  # submit to first token
+
+
+@dataclass(frozen=True)
+class GenError:
+    """A request that failed: the payload of its "error" event. `status` is the HTTP status the API answers."""
+
+    status: int
+    message: str
+
+
 @dataclass
 class GenRequest:
     """One generation request. `on_event(kind, payload)` is called on the engine thread:
-    ("token", text_delta) while generating, then ("done", result dict) or ("error", (status, message))."""
+    ("token", text_delta) while generating, then ("done", GenResult) or ("error", GenError)."""
 
     prompt_ids: list[int]
     adapter: str | None = None  # None or "base" = the base model alone
@@ -50,11 +71,18 @@ class GenRequest:
     emitted: int = 0
     slot: int = BASE_SLOT
     tried: bool = False
-    cancelled: bool = False  # set by the API when a streaming client goes away
+    cancelled: bool = False  # set through cancel(), from any thread; the engine drops the row at its next step
+    cancel_reason: str = ""
     ignore_eos: bool = False  # benchmarks: always generate max_tokens (same work in every compared mode)
     generator: torch.Generator | None = None
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
+
+    def cancel(self, reason: str) -> None:
+        """Stop generating (the client went away or stopped reading): the row and its adapter pin are freed at the
+        engine's next step, and the request finishes with finish_reason "cancelled"."""
+        self.cancel_reason = self.cancel_reason or reason
+        self.cancelled = True
 
 
 class Engine:
@@ -83,6 +111,7 @@ class Engine:
         self.kv_cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None
         self.steps = 0
+        self.cancelled = 0  # requests finished by cancel() (client gone or too slow)
         self._last_slots: list[int] = []
         self._route = None
         self._cond = threading.Condition()
@@ -103,6 +132,22 @@ class Engine:
     def remove_adapter(self, name: str) -> bool:
         return self.cache.unregister(name)
 
+    def adapter_names(self) -> list[str]:
+        return self.cache.names()
+
+    def adapter_spec(self, name: str) -> AdapterSpec | None:
+        return self.cache.spec(name)
+
+    def is_hot(self, name: str) -> bool:
+        """Whether the adapter currently sits in a cache slot (a snapshot: the engine thread may change it)."""
+        return self.cache.is_hot(name)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for /health and /metrics, readable from any thread: running rows, waiting requests, adapter
+        pins held by running rows, requests cancelled so far, forward passes, plus the adapter cache's counters."""
+        return {**self.cache.stats(), "running": len(self.rows), "pending": len(self.pending),
+                "cancelled": self.cancelled, "steps": self.steps}
+
     # ------------------------------------------------------------------ requests
     def submit(self, request: GenRequest) -> GenRequest:
         if request.adapter == BASE:
@@ -116,15 +161,15 @@ class Engine:
             self._cond.notify()
         return request
 
-    def generate(self, requests: list[GenRequest], timeout: float = 120.0) -> list[dict]:
-        """Blocking helper (tests, benchmarks): submit all, wait for all; returns each request's result dict."""
+    def generate(self, requests: list[GenRequest], timeout: float = 120.0) -> list[GenResult | GenError]:
+        """Blocking helper (tests, benchmarks): submit all, wait for all; returns each request's GenResult/GenError."""
         results: list[Any] = [None] * len(requests)
         done = threading.Semaphore(0)
 
         def hook(i):
             def on_event(kind, payload):
                 if kind in ("done", "error"):
-                    results[i] = payload if kind == "done" else {"error": payload}
+                    results[i] = payload
                     done.release()
             return on_event
 
@@ -174,6 +219,9 @@ class Engine:
             self.pending.clear()
         keep: list[GenRequest] = []
         for request in waiting:
+            if request.cancelled:  # gone before it started: never prefilled
+                self._finish(request, "cancelled", "")
+                continue
             if len(self.rows) + len(joiners) >= self.max_batch_size:
                 keep.append(request)
                 continue
@@ -295,21 +343,24 @@ class Engine:
         if text is None:
             text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
             self._emit(request, text, final=True)
-        if request.slot != BASE_SLOT:
-            self.cache.release(request.slot)
-            request.slot = BASE_SLOT
-        request.on_event("done", {
-            "text": text, "token_ids": list(request.generated), "finish_reason": reason,
-            "prompt_tokens": len(request.prompt_ids), "completion_tokens": len(request.generated),
-            "latency_s": time.perf_counter() - request.submitted,
-            "ttft_s": (request.first_token or time.perf_counter()) - request.submitted,
-        })
+        self._unpin(request)
+        if reason == "cancelled":
+            self.cancelled += 1
+        now = time.perf_counter()
+        request.on_event("done", GenResult(
+            text=text, token_ids=list(request.generated), finish_reason=reason,
+            prompt_tokens=len(request.prompt_ids), completion_tokens=len(request.generated),
+            latency_s=now - request.submitted, ttft_s=(request.first_token or now) - request.submitted,
+        ))
 
     def _finish_error(self, request: GenRequest, status: int, message: str) -> None:
+        self._unpin(request)
+        request.on_event("error", GenError(status, message))
+
+    def _unpin(self, request: GenRequest) -> None:
         if request.slot != BASE_SLOT:
             self.cache.release(request.slot)
             request.slot = BASE_SLOT
-        request.on_event("error", (status, message))
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:

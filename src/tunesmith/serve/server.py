@@ -70,7 +70,7 @@ def build_state(config: ServeConfig, log_fn=print, model=None, tokenizer=None) -
     engine = Engine(model, tokenizer, cache_budget_bytes=budget, max_batch_size=config.max_batch_size,
                     max_model_len=config.max_model_len, base_names=base_names(config, model),
                     on_step=lambda n: metrics.batch_size.observe(n))
-    metrics.registry.register(_cache_collector(engine))
+    metrics.watch_engine(engine.stats)
     tenants = load_tenants(config.tenants)
     from tunesmith.serve.adapters import AdapterError
 
@@ -88,7 +88,7 @@ def build_state(config: ServeConfig, log_fn=print, model=None, tokenizer=None) -
             raise ConfigError(f"aliases.{alias}: unknown variant(s) {unknown}; variants must be adapters or 'base'")
         ab.set_weights(alias, weights)
     for alias, tenant in config.alias_tenants.items():
-        tenants.owners[alias] = tenant
+        tenants.set_owner(alias, tenant)
     admin_key = None
     if config.admin_key_file:
         try:
@@ -98,14 +98,9 @@ def build_state(config: ServeConfig, log_fn=print, model=None, tokenizer=None) -
         if len(admin_key) < 8:
             raise ConfigError(f"--admin-key-file {config.admin_key_file}: the key must have 8+ characters")
     state = ServerState(engine=engine, tenants=tenants, ab=ab, metrics=metrics, admin_key=admin_key,
-                        model_name=config.model, max_body_bytes=config.max_body_bytes)
+                        model_name=config.model, max_body_bytes=config.max_body_bytes,
+                        max_stream_backlog=config.max_stream_backlog)
     return state
-
-
-def _cache_collector(engine: Engine):
-    from tunesmith.serve.metrics import _CacheCollector
-
-    return _CacheCollector(engine.cache.stats)
 
 
 def start_registry_refresh(state: ServerState, config: ServeConfig, stop: threading.Event) -> threading.Thread | None:
@@ -129,7 +124,7 @@ def refresh_registry_adapters(state: ServerState, watched: dict[str, str], regis
     for name, source in watched.items():
         try:
             path = resolve_adapter_source(source, registry_url)
-            spec = state.engine.cache.spec(name)
+            spec = state.engine.adapter_spec(name)
             if spec is None or Path(spec.path) != path:
                 state.engine.add_adapter(name, path, source=source)
                 moved.append(name)
