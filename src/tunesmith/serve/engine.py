@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from tunesmith.serve import kv
 from tunesmith.serve.adapters import AdapterSpec, inspect_adapter
 from tunesmith.serve.batched_lora import BatchContext, linear_shapes
 from tunesmith.serve.cache import AdapterCache
+from tunesmith.serve.identity import BaseIdentity
 from tunesmith.serve.segments import BASE_SLOT, left_pad, route
 
 BASE = "base"
@@ -87,7 +89,8 @@ class GenRequest:
 
 class Engine:
     def __init__(self, model, tokenizer, *, cache_budget_bytes: int = 512 << 20, max_batch_size: int = 32,
-                 max_model_len: int | None = None, base_names: set[str] | None = None, on_step=None) -> None:
+                 max_model_len: int | None = None, base_names: set[str] | None = None,
+                 base: BaseIdentity | None = None, allow_base_mismatch: bool = False, on_step=None) -> None:
         self.model = model.eval()
         kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers} - {DynamicLayer.__name__}
         if kinds:  # kv.merge/keep_rows edit full-attention layers; sliding or hybrid layers would need their own
@@ -99,7 +102,11 @@ class Engine:
         self.cache = AdapterCache(model, self.context, cache_budget_bytes)
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len or int(getattr(model.config, "max_position_embeddings", 2048))
-        self.base_names = set(base_names or ()) | {str(getattr(model.config, "_name_or_path", "") or "")} - {""}
+        if base is None:  # named only: its local folder (for the fingerprint) is the first name that is a model folder
+            names = set(base_names or ()) | {str(getattr(model.config, "_name_or_path", "") or "")} - {""}
+            base = BaseIdentity.of(*sorted(names, key=lambda n: not Path(n).is_dir())) if names else BaseIdentity(set())
+        self.base = base
+        self.allow_base_mismatch = allow_base_mismatch
         self.shapes = linear_shapes(model)
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if isinstance(eos, list) else [eos]
@@ -124,7 +131,7 @@ class Engine:
         """Check an adapter against the base (config, safetensors, shapes) and register it (cold until used)."""
         if name == BASE:
             raise ValueError("the adapter name 'base' is reserved for the base model")
-        spec = inspect_adapter(name, path, self.shapes, self.base_names)
+        spec = inspect_adapter(name, path, self.shapes, self.base, self.allow_base_mismatch)
         spec.tenant, spec.source = tenant, source or str(path)
         self.cache.register(spec)
         return spec
