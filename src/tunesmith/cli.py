@@ -422,6 +422,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     flags = {"model": args.model, "host": args.host, "port": args.port, "tenants": args.tenants,
              "admin_key_file": args.admin_key_file, "cache_budget": args.cache_budget,
              "max_batch_size": args.max_batch_size, "registry_url": args.registry, "threads": args.threads,
+             "allow_base_mismatch": args.allow_base_mismatch or None,
              "adapters": dict(parse_adapter_flag(a) for a in args.adapter)}
     if args.config is None and args.model is None:
         raise ConfigError("tunesmith serve: give --model BASE (or --config serve.yaml with a 'model' field)")
@@ -445,6 +446,8 @@ def add_serve(sub) -> None:
     p.add_argument("--max-batch-size", type=int, help="rows per forward pass (default 32)")
     p.add_argument("--registry", metavar="URL", help="registry URL for registry:ALIAS adapters")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="serve adapters recorded for another base model anyway (logged; for experts)")
     p.add_argument("--config", metavar="FILE", help="serve.yaml with the same fields (flags win)")
     p.set_defaults(func=cmd_serve)
 
