@@ -137,13 +137,8 @@ def create_app(catalog: Catalog, admin_key: str | None = None, require_key_for_r
     @app.get("/api/run")
     def run(id: str) -> dict[str, Any]:
         view = catalog.get(id)
-        compact_eval = None
-        if view.eval:
-            from tunesmith.eval.report import compact
-
-            compact_eval = compact({**view.eval, "models": view.eval.get("models") or {}})
         return {**views.run_row(catalog, view), "config": view.config, "summary": view.summary,
-                "diagnosis": catalog.diagnosis(view), "eval": compact_eval,
+                "diagnosis": catalog.diagnosis(view), "eval": views.compact_eval(view.eval),
                 "run_dir": str(view.run_dir) if view.run_dir else None}
 
     @app.get("/api/curves")

@@ -34,6 +34,17 @@ def _base_metrics(view: RunView) -> dict[str, dict[str, Any]]:
     return {s: dict(m) for s, m in compact.items() if isinstance(m, dict)}
 
 
+def compact_eval(evaluated: dict[str, Any] | None) -> dict[str, Any] | None:
+    """eval.json without the bulky per-item lists (examples, probe items); the examples view serves those."""
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in ("examples", "items")}
+        return value
+
+    return strip(evaluated) if isinstance(evaluated, dict) else None
+
+
 # -------------------------------------------------------------------------------------------------- runs
 def run_row(catalog: Catalog, view: RunView) -> dict[str, Any]:
     summary = view.summary or {}
