@@ -86,7 +86,7 @@ function renderRuns() {
     dataset: { key: k },
     onclick: () => { if (k === "select") return; state.sort = { key: k, dir: state.sort.key === k ? -state.sort.dir : 1 }; renderRuns(); },
   }, label + (state.sort.key === k ? (state.sort.dir > 0 ? " ▲" : " ▼") : "")))));
-  const needle = state.filter.toLowerCase();
+  const needle = state.filter.trim().toLowerCase();
   const rows = state.runs.filter((run) => !needle || columns.some(([k]) => k !== "select" &&
     fmt(cellValue(run, k)).toLowerCase().includes(needle)));
   rows.sort((a, b) => state.sort.dir * compareValues(cellValue(a, state.sort.key), cellValue(b, state.sort.key)));
