@@ -75,6 +75,7 @@ def test_flop_counter_counts_cpu_attention_and_matmuls():
 
 @pytest.mark.slow
 def test_train_throughput_tiny_end_to_end():
+    pytest.importorskip("trl", reason="the TRL side needs the bench extra: pip install -e '.[bench]'")
     record, lines = run_bench(ROOT / "bench" / "train_throughput.py", "--tiny", "--steps", "2", "--batch", "2", "--json")
     assert {"rotations", "ratios", "ratio", "threads", "timing_window"} <= set(record)
     rotation = record["rotations"][0]
