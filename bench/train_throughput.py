@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def child_tunesmith(args) -> dict:
     from tunesmith.config import load_config
-    from tunesmith.train.run import run_training
+    from tunesmith.recipes.finetune import run_finetune
 
     config = load_config(None, [
         f"model.name_or_path={args.model}", f"data.train=[{args.data}]", "data.validation_fraction=0",
@@ -36,7 +36,7 @@ def child_tunesmith(args) -> dict:
         f"method.lora.r={args.rank}", f"output.dir={args.out}", "output.name=tunesmith", "output.register_run=false",
         "train.save_steps=100000",
     ])
-    summary = run_training(config, log=lambda *a, **k: None)
+    summary = run_finetune(config, log=lambda *a, **k: None).to_dict()
     records = [json.loads(x) for x in (Path(args.out) / "tunesmith/metrics.jsonl").read_text().splitlines()]
     # Time of the optimizer steps alone (as the baseline's trainer.train(): no model loading, data rendering,
     # checkpoint or report time): each record logs the tokens so far and that step's tokens per second.
