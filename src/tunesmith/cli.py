@@ -478,7 +478,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(compact(report), indent=2))
     else:
-        print(f"wrote {report['paths']['eval_json']} and {report['paths']['eval_html']}")
+        print(f"wrote {report.paths['eval_json']} and {report.paths['eval_html']}")
     return 0
 
 

@@ -1,23 +1,22 @@
 """`tunesmith eval`: evaluate a trained run (or adapter folder), compare with the base and earlier runs, write
 eval.json and eval.html beside the run.
 
-eval.json keeps the layout the trainer writes ({"models": {"base"|"tuned": {split: evaluate_task result}}}) and
-adds: "data" (files, snapshot hash, how many examples of how many), "forgetting", "lm_eval", "comparison"
-(rows for base, earlier runs on the same data, and this run) and "settings".
+eval.json is an `EvalReport` (records/eval.py), the same record the trainer writes after training; this command
+fills its "forgetting", "lm_eval" and "comparison" (rows for base, earlier runs on the same data, and this run).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunesmith.atomic import write_json, write_text
+from tunesmith.atomic import write_text
 from tunesmith.errors import UsageError
 from tunesmith.eval.tables import format_forgetting, format_table
-from tunesmith.eval.task import GenerationSettings, evaluate_splits, read_split
+from tunesmith.eval.task import GenerationSettings, data_record_of, evaluate_splits, read_split
+from tunesmith.records.eval import EvalReport
 from tunesmith.records.run import RunDir
 
 
@@ -36,18 +35,9 @@ def _splits(data: list[str] | None, config) -> dict[str, list[str]]:
     return splits
 
 
-def _data_record(paths: list[str], conversations, max_examples: int | None) -> dict[str, Any]:
-    from tunesmith.data.formats import snapshot_hash
-
-    n = min(len(conversations), max_examples or len(conversations))
-    return {"files": [str(Path(p).resolve()) for p in paths], "hash": snapshot_hash(conversations[:n]),
-            "n_total": len(conversations), "n_evaluated": n,
-            "subset": "all" if n == len(conversations) else f"first {n} of {len(conversations)} (file order)"}
-
-
-def _same_files(other: dict[str, Any], result: dict[str, Any], record: dict[str, Any]) -> bool:
-    """For an eval.json written by `tunesmith train` (no data hash): same files, same number evaluated."""
-    if "data" in other:
+def _same_files(other: EvalReport, result: dict[str, Any], record: dict[str, Any]) -> bool:
+    """For an eval.json written by `tunesmith train` before schema 2 (no data hash): same files, same count."""
+    if other.data:
         return False
     files = [str(Path(p).resolve()) for p in result.get("files", [])]
     return files == record["files"] and result.get("n") == record["n_evaluated"]
@@ -63,12 +53,12 @@ def earlier_runs(run_dir: Path | None, data: dict[str, dict[str, Any]]) -> list[
         if sibling.resolve() == run_dir.resolve() or not path.is_file():
             continue
         try:
-            other = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            other = EvalReport.read(path)
+        except (OSError, ValueError, TypeError):  # unreadable or foreign: not comparable, the table skips it
             continue
         for split, record in data.items():
-            same_hash = other.get("data", {}).get(split, {}).get("hash") == record["hash"]
-            for label, results in other.get("models", {}).items():
+            same_hash = other.data.get(split, {}).get("hash") == record["hash"]
+            for label, results in other.models.items():
                 if split in results and (same_hash or _same_files(other, results[split], record)):
                     rows.append({"model": f"{sibling.name} ({label})" if label != "tuned" else sibling.name,
                                  "split": split, "source": str(path), "metrics": results[split]["metrics"]})
@@ -126,8 +116,8 @@ class EvalRequest:
                                   max_examples=self.max_examples or config.eval.max_examples)
 
 
-def run_eval(request: EvalRequest, log=print) -> dict[str, Any]:
-    """Evaluate, compare, write eval.json + eval.html; returns the eval.json content (plus "paths")."""
+def run_eval(request: EvalRequest, log=print) -> EvalReport:
+    """Evaluate, compare, write eval.json + eval.html (paths in `report.paths`); returns the report."""
     from tunesmith.eval.metrics import check_metric_names
     from tunesmith.methods.registry import load_trained
 
@@ -139,7 +129,7 @@ def run_eval(request: EvalRequest, log=print) -> dict[str, Any]:
     settings = request.settings(config)
     splits = {s: (p, read_split(p, config.data.format, config.data.system_prompt))
               for s, p in _splits(request.data, config).items()}
-    data_record = {s: _data_record(p, c, settings.max_examples) for s, (p, c) in splits.items()}
+    data_record = {s: data_record_of(p, c, settings.max_examples) for s, (p, c) in splits.items()}
 
     model, tokenizer, info = load_trained(request.path, log=log)
     def evaluate(m, label):
@@ -153,13 +143,12 @@ def run_eval(request: EvalRequest, log=print) -> dict[str, Any]:
     forgetting = _forgetting(request, model, tokenizer, base_model, log) if request.forgetting else None
     lm_eval = _lm_eval_both(request, model, base_model, tokenizer, log) if request.lm_eval_tasks else None
     rows = comparison_rows(models, earlier_runs(run.root, data_record), run.name)
-    report = {
-        "version": 1, "run_dir": str(run.root) if run.root else None, "evaluated": str(Path(request.path)),
-        "model": info, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "metrics": metric_names,
-        "metric_options": metric_options, "settings": settings.as_dict(), "data": data_record, "models": models,
-        "forgetting": forgetting, "lm_eval": lm_eval, "comparison": rows,
-        "wall_seconds": round(time.perf_counter() - started, 2),
-    }
+    report = EvalReport(
+        models=models, data=data_record, metrics=metric_names, metric_options=metric_options,
+        settings=settings.as_dict(), written_by="eval", run_dir=str(run.root) if run.root else None,
+        evaluated=str(Path(request.path)), model=info, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        forgetting=forgetting, lm_eval=lm_eval, comparison=rows, wall_seconds=round(time.perf_counter() - started, 2),
+    )
     _write(report, run.output_dir)
     log(format_table(rows, metric_names))
     if forgetting:
@@ -192,21 +181,21 @@ def _lm_eval_both(request: EvalRequest, model, base_model, tokenizer, log) -> di
     return result
 
 
-def _write(report: dict[str, Any], out_dir: Path) -> None:
+def _write(report: EvalReport, out_dir: Path) -> None:
     from tunesmith.eval.html import render_eval_html
 
-    write_json(out_dir / "eval.json", report)
-    write_text(out_dir / "eval.html", render_eval_html(report))
-    report["paths"] = {"eval_json": str(out_dir / "eval.json"), "eval_html": str(out_dir / "eval.html")}
+    report.write(out_dir)
+    write_text(out_dir / "eval.html", render_eval_html(report.to_dict()))
+    report.paths["eval_html"] = str(out_dir / "eval.html")
 
 
-def compact(report: dict[str, Any]) -> dict[str, Any]:
+def compact(report: EvalReport) -> dict[str, Any]:
     """eval.json without the per-example records and probe items: what `--json` prints."""
     models = {label: {split: {k: v for k, v in r.items() if k != "examples"} for split, r in results.items()}
-              for label, results in report["models"].items()}
-    out = {**report, "models": models}
-    if report.get("forgetting"):
-        f = dict(report["forgetting"])
+              for label, results in report.models.items()}
+    out = {**report.to_dict(), "models": models, "paths": report.paths}
+    if report.forgetting:
+        f = dict(report.forgetting)
         f["probes"] = {k: {kk: vv for kk, vv in v.items() if kk != "items"} for k, v in f["probes"].items()}
         out["forgetting"] = f
     return out

@@ -100,6 +100,16 @@ def read_split(paths: list[str], fmt: str, system_prompt: str | None) -> list[Co
     return add_system_prompt(conversations, system_prompt)
 
 
+def data_record_of(paths: list[str], conversations: list[Conversation], max_examples: int | None) -> dict[str, Any]:
+    """What eval.json records of one split's data: resolved files, snapshot hash of the evaluated records, counts."""
+    from tunesmith.data.formats import snapshot_hash
+
+    n = min(len(conversations), max_examples or len(conversations))
+    return {"files": [str(Path(p).resolve()) for p in paths], "hash": snapshot_hash(conversations[:n]),
+            "n_total": len(conversations), "n_evaluated": n,
+            "subset": "all" if n == len(conversations) else f"first {n} of {len(conversations)} (file order)"}
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """How the task evaluation generates: greedy, `max_new_tokens` per reply, `batch_size` prompts at a time."""

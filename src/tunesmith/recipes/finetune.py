@@ -210,7 +210,7 @@ def finish(run: FinetuneRun, model, state: TrainState, data: TrainingData, befor
         data_hash=data.manifest["hash"], processes=run.accelerator.num_processes,
     )
     if before or after:
-        summary.eval = write_task_eval(run_dir, before, after, run.log)
+        summary.eval = write_task_eval(config, run_dir, before, after, run.log)
     summary.write(run_dir)
     finish_run(config, run_dir, summary, run.log)
     return summary

@@ -9,6 +9,7 @@ from typing import Any
 from tunesmith.atomic import write_json
 from tunesmith.config import RunConfig
 from tunesmith.errors import Failure
+from tunesmith.records.eval import EvalReport
 from tunesmith.records.run import RunSummary
 
 ARTIFACTS = ("config.yaml", "data_manifest.json", "metrics.jsonl", "loss_curves.png", "adapter", "summary.json",
@@ -19,33 +20,53 @@ class RegistrationFailed(Failure):
     """Training finished and its run directory is complete, but recording it in the registry failed."""
 
 
+def _eval_splits(config: RunConfig) -> dict[str, tuple[list[str], list[Any]]]:
+    from tunesmith.eval.task import configured_splits, read_split
+
+    return {name: (paths, read_split(paths, config.data.format, config.data.system_prompt))
+            for name, paths in configured_splits(config).items()}
+
+
+def _settings(config: RunConfig):
+    from tunesmith.eval.task import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
+                              max_examples=config.eval.max_examples)
+
+
 def task_eval(config: RunConfig, model, tokenizer, label: str, log) -> dict[str, Any] | None:
     """Generate on the test split (and named extra splits) and score; None when no test data is configured."""
-    from tunesmith.eval.task import GenerationSettings, configured_splits, evaluate_splits, read_split
+    from tunesmith.eval.task import evaluate_splits
 
-    splits = configured_splits(config)
+    splits = _eval_splits(config)
     if not splits:
         return None
-    data = {name: (paths, read_split(paths, config.data.format, config.data.system_prompt))
-            for name, paths in splits.items()}
-    settings = GenerationSettings(max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
-                                  max_examples=config.eval.max_examples)
-    return evaluate_splits(model, tokenizer, data, config.eval.metrics, settings, label, log,
+    return evaluate_splits(model, tokenizer, splits, config.eval.metrics, _settings(config), label, log,
                            metric_options=config.eval.metric_options)
 
 
-def write_task_eval(run_dir: Path, before: dict | None, after: dict | None, log=print) -> dict[str, Any]:
-    """Write eval.json ({"models": {"base": {split: result}, "tuned": {...}}}) and print the comparison table.
+def write_task_eval(config: RunConfig, run_dir: Path, before: dict | None, after: dict | None,
+                    log=print) -> dict[str, Any]:
+    """Write eval.json (an EvalReport written by "train") and print the before/after table.
 
     Returns the compact metrics ({model: {split: {metric: value}}}) for summary.json.
     """
-    from tunesmith.eval.tables import format_comparison
+    import time
 
+    from tunesmith.eval.tables import format_comparison
+    from tunesmith.eval.task import data_record_of
+
+    settings = _settings(config)
     models = {label: results for label, results in (("base", before), ("tuned", after)) if results}
-    write_json(run_dir / "eval.json", {"models": models})
-    compact = {label: {split: r["metrics"] for split, r in results.items()} for label, results in models.items()}
+    data = {name: data_record_of(paths, conversations, settings.max_examples)
+            for name, (paths, conversations) in _eval_splits(config).items()}
+    report = EvalReport(models=models, data=data, metrics=list(config.eval.metrics),
+                        metric_options=dict(config.eval.metric_options), settings=settings.as_dict(),
+                        written_by="train", run_dir=str(run_dir),
+                        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    report.write(run_dir)
     log(format_comparison(models))
-    return compact
+    return report.compact_metrics()
 
 
 def finish_run(config: RunConfig, run_dir: Path, summary: RunSummary, log=print) -> None:
