@@ -21,6 +21,7 @@ import torch
 
 from tunesmith.atomic import atomic_dir
 from tunesmith.methods.base import MethodError, read_method_file
+from tunesmith.records.run import RunDir
 
 MERGED_FILE = "tunesmith_merged.json"
 PROBE_TEXTS = (
@@ -37,7 +38,8 @@ def _adapter_dir(path: Path) -> Path:
         raise MethodError(
             f"{path}: already a merged model (merged from {merged.get('source')}); it has no adapter left to merge"
         )
-    candidate = path / "adapter" if (path / "adapter").is_dir() else path
+    found = RunDir.find(path)
+    candidate = found.adapter if found.is_run and found.adapter.is_dir() else path
     if read_method_file(candidate) is None and not (candidate / "adapter_config.json").exists():
         if (candidate / "config.json").exists():
             raise MethodError(f"{path}: a plain model folder with no adapter (already merged?); nothing to merge")

@@ -11,8 +11,6 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tunesmith.methods.base import Method, MethodError, read_method_file
 
 # Modules holding `METHOD`, in the order the config lists their options and the planner its rows.
@@ -77,14 +75,18 @@ def load_trained(path: str | Path, log=print) -> tuple[Any, Any, dict[str, Any]]
 
     Returns (model, tokenizer, info) with info = {"method", "base_model", "adapter_dir", "run_dir"}.
     """
-    from tunesmith.config import MethodConfig, ModelConfig, RunConfig
+    from tunesmith.config import MethodConfig, ModelConfig
     from tunesmith.models.load import load_model, load_tokenizer
+    from tunesmith.records.run import RunDir
 
     path = Path(path)
-    run_dir = None
-    if (path / "config.yaml").exists() and (path / "adapter").is_dir():
-        run_dir, adapter_dir = path, path / "adapter"
-        run_config = RunConfig.model_validate(yaml.safe_load((path / "config.yaml").read_text()))
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found")
+    found = RunDir.find(path)
+    run_dir = found.root if found.is_run and found.adapter.is_dir() else None
+    if run_dir is not None:
+        adapter_dir = found.adapter
+        run_config = found.config()
         model_config, method_config = run_config.model, run_config.method
     elif path.is_dir():
         adapter_dir = path
