@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -286,3 +287,39 @@ def test_ui_package_reads_only_records():
     """ui/ never imports the trainer or the recipes (DESIGN: it reads records)."""
     source = "\n".join(p.read_text() for p in (Path(STATIC).parent).glob("*.py"))
     assert not re.search(r"tunesmith\.(train|recipes|methods)\b", source)
+
+
+def test_tunesmith_ui_starts_and_prints_its_address(fake_registry, tmp_path, capsys):
+    """The real command: a uvicorn process on loopback that prints where it listens and answers there."""
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    import tunesmith
+    from tunesmith.cli import main
+
+    assert main(["ui", "--host", "0.0.0.0", "--registry", fake_registry["url"]]) == 2
+    assert "not loopback" in capsys.readouterr().err
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(tunesmith.__file__).parents[1])}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tunesmith.cli", "ui", "--registry", fake_registry["url"], "--runs",
+         str(fake_registry["runs"]), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, cwd=tmp_path)
+    try:
+        line = process.stdout.readline()
+        assert f"http://127.0.0.1:{port}/" in line and "registry actions off" in line
+        for _ in range(100):
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/api/runs", timeout=5)
+                break
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        assert {r["id"] for r in response.json()["runs"]} >= {"alpha@1", "beta@1", "dir:live"}
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -132,6 +132,7 @@ function drawChart(target, name, seriesList, yLabel, logY) {
   node.dataset.labels = JSON.stringify(drawn.map((s) => s.label));
   if (!drawn.length) { node.append(el("p", { class: "muted" }, "no points to draw")); return; }
   const positive = drawn.every((s) => s.y.every((v) => v > 0));
+  if (logY && !positive) say("log y needs positive values: drawn on a linear axis");
   const opts = {
     width: Math.min(1000, Math.max(600, node.parentElement.clientWidth - 40)), height: 300,
     scales: { x: { time: false }, y: logY && positive ? { distr: 3 } : {} },
