@@ -323,3 +323,25 @@ def test_tunesmith_ui_starts_and_prints_its_address(fake_registry, tmp_path, cap
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_a_diverged_run_with_nan_and_inf_still_renders(tmp_path):
+    from tests.ui.conftest import write_run
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    run = write_run(runs, "diverged", 1.0, None, extra_summary={"best_eval_loss": float("nan"),
+                                                                  "final_train_loss": float("inf")})
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 13, "train_loss": NaN, "lr": 1.0}\n{"step": 14, "train_loss": Infinity, "lr": 1.0}\n')
+    client = TestClient(create_app(Catalog(str(tmp_path / "registry.db"), runs)))
+    row = client.get("/api/runs").json()["runs"][0]
+    assert row["headline"]["best_eval_loss"] == "NaN" and row["headline"]["train_loss"] == _last_finite(run)
+    curves = client.get("/api/curves", params={"id": "dir:diverged"}).json()["series"]["train_loss"]
+    assert curves["x"][-1] == 12.0 and len(curves["x"]) == 12  # the two non-finite points are not drawn
+    assert client.get("/api/run", params={"id": "dir:diverged"}).json()["diagnosis"]["diagnosis"] == "healthy"
+
+
+def _last_finite(run) -> float:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["train_loss"] for r in rows if isinstance(r["train_loss"], float) and abs(r["train_loss"]) < 1e9][-1]
