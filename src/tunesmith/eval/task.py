@@ -37,6 +37,7 @@ def evaluate_task(
     max_new_tokens: int = 128,
     batch_size: int = 16,
     max_examples: int | None = None,
+    progress=None,
     **metric_options: Any,
 ) -> dict[str, Any]:
     """Generate (greedy, batched) and score. `max_examples` keeps the first N conversations, in file order.
@@ -52,7 +53,8 @@ def evaluate_task(
     prompts = [p for p, _, _ in split]
     references = [r for _, r, _ in split]
     sources = [s for _, _, s in split]
-    predictions = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    predictions = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 progress=progress)
     scored = score(predictions, references, sources, metrics, **metric_options)
     examples = [
         {

@@ -221,6 +221,9 @@ def _task_eval(config: RunConfig, model, tokenizer, label: str, log) -> dict[str
     """Generate on the test split (and named extra splits) and score; None when no test data is configured."""
     if not _has_test(config):
         return None
+    from functools import partial
+
+    from tunesmith.eval.cache import evaluate_task_cached, progress_printer
     from tunesmith.eval.task import evaluate_task
 
     results = {}
@@ -233,9 +236,12 @@ def _task_eval(config: RunConfig, model, tokenizer, label: str, log) -> dict[str
         log(f"evaluating the {label} model on {split} "
             f"({min(len(conversations), config.eval.max_examples or len(conversations))} of {len(conversations)} examples)")
         model.eval()
-        result = evaluate_task(model, tokenizer, conversations, config.eval.metrics,
-                               max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
-                               max_examples=config.eval.max_examples, **config.eval.metric_options)
+        # the base model's evaluation is cached by weights + prompts + settings (eval/cache.py); progress per batch
+        evaluate = partial(evaluate_task_cached, log=log) if label == "base" else evaluate_task
+        result = evaluate(model, tokenizer, conversations, config.eval.metrics,
+                          max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
+                          max_examples=config.eval.max_examples, progress=progress_printer(log, f"{label} {split}", t0),
+                          **config.eval.metric_options)
         result["seconds"] = round(time.perf_counter() - t0, 2)
         result["files"] = list(paths)
         results[split] = result
