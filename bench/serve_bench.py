@@ -68,19 +68,21 @@ def run_engine(engine, jobs, max_tokens: int) -> tuple[int, float, list[float], 
 
     latencies: list[float] = []
     ttfts: list[float] = []
+    errors: list[str] = []
     tokens = [0]
     lock = threading.Lock()
 
     def client(part):
         for prompt, adapter in part:
             result = engine.generate([GenRequest(prompt_ids=prompt, adapter=adapter, max_tokens=max_tokens,
-                                                 ignore_eos=True)])[0]
+                                                 ignore_eos=True)], timeout=1800)[0]
             with lock:
-                if "error" in result:
-                    raise RuntimeError(f"request for adapter {adapter} failed: {result['error']}")
-                latencies.append(result["latency_s"])
-                ttfts.append(result["ttft_s"])
-                tokens[0] += result["completion_tokens"]
+                if not hasattr(result, "latency_s"):  # a GenError
+                    errors.append(f"request for adapter {adapter} failed: {result}")
+                    continue
+                latencies.append(result.latency_s)
+                ttfts.append(result.ttft_s)
+                tokens[0] += result.completion_tokens
 
     start = time.perf_counter()
     threads = [threading.Thread(target=client, args=(part,)) for part in jobs]
@@ -88,6 +90,8 @@ def run_engine(engine, jobs, max_tokens: int) -> tuple[int, float, list[float], 
         t.start()
     for t in threads:
         t.join()
+    if errors or len(latencies) != sum(len(part) for part in jobs):
+        raise RuntimeError(f"{len(errors)} of {sum(len(part) for part in jobs)} requests failed: {errors[:3]}")
     return tokens[0], time.perf_counter() - start, latencies, ttfts
 
 

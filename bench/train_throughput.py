@@ -200,11 +200,7 @@ def finish(instruments: StepInstruments, tokens_per_step: list[int], dims: dict[
 def child_tunesmith(args) -> dict:
     import tunesmith.train.loop as loop
     from tunesmith.config import load_config
-
-    try:  # the orchestration is moving from train/run.py to recipes/finetune.py
-        from tunesmith.recipes.finetune import run_training
-    except ImportError:
-        from tunesmith.train.run import run_training
+    from tunesmith.recipes.finetune import run_finetune
 
     instruments = StepInstruments(args.steps)
     collate = loop.collate
@@ -224,7 +220,7 @@ def child_tunesmith(args) -> dict:
         f"method.lora.alpha={2 * args.rank}", "method.lora.dropout=0.05", "method.lora.target_modules=all-linear",
         f"output.dir={args.out}", "output.name=tunesmith", "output.register_run=false", "train.save_steps=100000",
     ])
-    run_training(config, log=lambda *a, **k: None)
+    run_finetune(config, log=lambda *a, **k: None)
     records = [json.loads(x) for x in (Path(args.out) / "tunesmith/metrics.jsonl").read_text().splitlines()]
     cumulative = [r["tokens"] for r in records if "tokens" in r]
     tokens_per_step = [b - a for a, b in zip([0, *cumulative], cumulative, strict=False)]
