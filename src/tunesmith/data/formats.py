@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunesmith.errors import UsageError
+
 FORMATS = ("alpaca", "sharegpt", "messages", "chatml")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {
@@ -22,7 +24,7 @@ SHAREGPT_ROLES = {
 }
 
 
-class RecordError(ValueError):
+class RecordError(UsageError):
     """One bad record: where it is and what is wrong, phrased for a person."""
 
     def __init__(self, file: str, line: int | None, field: str | None, reason: str):

@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from tunesmith.config import MethodConfig
+from tunesmith.errors import UsageError
 
 METHOD_FILE = "tunesmith_method.json"
 
 
-class MethodError(ValueError):
+class MethodError(UsageError):
     """A method cannot do what was asked (merge a prefix, checkpoint a prefix-tuned model, ...); says why."""
 
 

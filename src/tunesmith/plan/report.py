@@ -18,6 +18,7 @@ from typing import Any
 
 from tunesmith.atomic import write_text
 from tunesmith.config import MethodConfig, RunConfig, resolved_yaml
+from tunesmith.errors import UsageError
 from tunesmith.models.facts import ModelFacts, model_facts
 from tunesmith.plan.advice import decide, hyperparameters
 from tunesmith.plan.memory import GiB, TrainSetup, estimate_memory, gpus_needed
@@ -27,7 +28,7 @@ METHODS = ("full", "lora", "qlora", "prefix", "prompt", "adapters")
 PREFERENCE = ("lora", "qlora", "full", "adapters", "prefix", "prompt")
 
 
-class PlanError(ValueError):
+class PlanError(UsageError):
     """A plan flag is malformed or contradictory; names the flag and the fix."""
 
 

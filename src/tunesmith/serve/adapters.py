@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from tunesmith.errors import UsageError
+
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-class AdapterError(ValueError):
+class AdapterError(UsageError):
     """An adapter that cannot be served here, phrased for a person (file, field, what to do)."""
 
 
