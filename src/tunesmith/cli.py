@@ -466,6 +466,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     flags = {"model": args.model, "host": args.host, "port": args.port, "tenants": args.tenants,
              "admin_key_file": args.admin_key_file, "cache_budget": args.cache_budget,
              "max_batch_size": args.max_batch_size, "registry_url": args.registry, "threads": args.threads,
+             "allow_base_mismatch": args.allow_base_mismatch or None,
              "adapters": dict(parse_adapter_flag(a) for a in args.adapter)}
     if args.config is None and args.model is None:
         raise ConfigError("tunesmith serve: give --model BASE (or --config serve.yaml with a 'model' field)")
@@ -490,6 +491,8 @@ def add_serve(sub) -> None:
     p.add_argument("--max-batch-size", type=int, help="rows per forward pass (default 32)")
     p.add_argument("--registry", metavar="URL", help="registry URL for registry:ALIAS adapters")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="serve adapters recorded for another base model anyway (logged; for experts)")
     p.add_argument("--config", metavar="FILE", help="serve.yaml with the same fields (flags win)")
     p.set_defaults(func=cmd_serve)
 
@@ -589,17 +592,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     plan = build_plan(request)
     if args.write:
-        plan["written"] = str(write_run_config(args.write, run_config(request, plan)))
+        plan.written = str(write_run_config(args.write, run_config(request, plan)))
     if args.json:
-        print(json.dumps(plan, indent=2))
+        print(plan.to_json())
     else:
         render(plan)
         if args.write:
-            print(f"wrote {plan['written']} (method {run_config(request, plan).method.name}); train with `tunesmith train {args.write}`")
+            print(f"wrote {plan.written} (method {run_config(request, plan).method.name}); train with `tunesmith train {args.write}`")
     return 0
 
 
 def add_plan(sub) -> None:
+    from tunesmith.methods.registry import method_names
     from tunesmith.plan.advice import TASK_KINDS
 
     p = command(sub, "plan", "parameter counts, memory per method, and advice before any GPU is rented",
@@ -611,7 +615,7 @@ def add_plan(sub) -> None:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="plan for GPUs (bf16) or CPU (fp32)")
     p.add_argument("--examples", type=int, help="labelled examples you have")
     p.add_argument("--task", choices=TASK_KINDS, default="instruction", help="task kind (sets rank, data advice)")
-    p.add_argument("--method", choices=["lora", "qlora", "full", "prefix", "prompt", "adapters"], help="force a method")
+    p.add_argument("--method", choices=method_names(), help="force a method")
     p.add_argument("--rank", type=int, help="LoRA rank (default by task)")
     p.add_argument("--targets", help="LoRA targets: q_proj,v_proj ... or all-linear (default all-linear)")
     p.add_argument("--virtual-tokens", type=int, help="prefix/prompt tuning virtual tokens (default 20)")
@@ -638,6 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_train, add_config, add_models, add_data, add_runs, add_merge, add_serve, add_eval, add_plan):
         add(sub)
+    from tunesmith.ui.cli import add_ui  # `tunesmith ui` (the dashboard): its flags live in ui/cli.py
+
+    add_ui(sub)
     return parser
 
 

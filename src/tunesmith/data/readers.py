@@ -4,7 +4,8 @@ yields `(line, item)` pairs where `item` is a raw record or a `RecordError` for 
 The strict training reader (`formats.read_conversations`) stops at the first bad record; these readers never stop,
 so `data check` / `data prepare` can quarantine each bad record and keep every good one. "line" means: the
 1-based line of a JSONL file, the 1-based item of a JSON array, the CSV line where the row starts, the 1-based row
-of a Parquet file or a `datasets` split.
+of a Parquet file or a `datasets` split. A source may also be a Hugging Face dataset (`hf:ORG/NAME[:SPLIT][@REV]`, or a
+saved folder with an optional `:SPLIT`; see `hub`), and a column mapping renames non-standard fields (see `columns`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunesmith.data import hub
+from tunesmith.data.columns import apply_columns, check_columns
 from tunesmith.data.formats import Conversation, RecordError, detect_format, iter_json_records, parse_record
+from tunesmith.data.toolcalls import message_text
 
 CONTAINERS = ("jsonl", "json", "parquet", "csv", "hf")
 # CSV cells are strings; these columns hold nested turns and are parsed as JSON when they look like JSON.
@@ -29,7 +33,7 @@ def container_of(path: str | Path) -> str:
     """Which container a path is: a folder saved by `datasets.save_to_disk` is "hf"; otherwise by extension."""
     path = Path(path)
     if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        if hub.is_saved_dataset(path):
             return "hf"
         raise RecordError(str(path), None, None, "a folder, but not one saved by datasets.save_to_disk "
                           "(no dataset_info.json / dataset_dict.json); pass its files instead")
@@ -136,26 +140,16 @@ def _parse_line(path: Path, number: int, line: str) -> Any:
         return RecordError(str(path), number, None, f"not valid JSON: {exc.msg} (column {exc.colno})")
 
 
-def _iter_hf(path: Path) -> Iterator[tuple[int, Any, str]]:
-    from datasets import DatasetDict, load_from_disk
-
-    loaded = load_from_disk(str(path))
-    splits = loaded.items() if isinstance(loaded, DatasetDict) else [("", loaded)]
-    for name, dataset in splits:
-        source = f"{path}/{name}" if name else str(path)
-        for index, row in enumerate(dataset, start=1):
-            yield index, _drop_nulls(dict(row)), source
-
-
 def iter_file_records(path: str | Path) -> Iterator[tuple[str, int | None, Any]]:
     """Yield (source, line, raw record or RecordError) for every record of a file, never raising on bad data."""
+    source = hub.parse_source(str(path))
+    if source is not None:
+        yield from hub.iter_dataset_rows(source)
+        return
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file; check the path")
     kind = container_of(path)
-    if kind == "hf":
-        yield from ((source, line, item) for line, item, source in _iter_hf(path))
-        return
     iterator = _iter_parquet(path) if kind == "parquet" else _iter_csv(path) if kind == "csv" else None
     if iterator is None:
         records = iter_json_records(path)
@@ -180,13 +174,17 @@ class LoadResult:
         return len(self.conversations) + len(self.quarantine)
 
 
-def file_format(path: str | Path, fmt: str = "auto", sample: int = 20) -> str:
+def file_format(path: str | Path, fmt: str = "auto", sample: int = 20, columns: dict[str, str] | None = None) -> str:
     """The format of a file: forced, or the one most of its first `sample` readable records match."""
     if fmt != "auto":
         return fmt
     votes: dict[str, int] = {}
-    for _, _, item in iter_file_records(path):
+    for source, line, item in iter_file_records(path):
         if isinstance(item, RecordError):
+            continue
+        try:
+            item = apply_columns(item, columns or {}, source, line)
+        except RecordError:
             continue
         detected = detect_format(item)
         if detected:
@@ -196,21 +194,26 @@ def file_format(path: str | Path, fmt: str = "auto", sample: int = 20) -> str:
     return max(votes, key=lambda k: votes[k]) if votes else "auto"
 
 
-def load_records(files: list[str | Path], fmt: str = "auto") -> LoadResult:
+def load_records(files: list[str | Path], fmt: str = "auto", columns: dict[str, str] | None = None) -> LoadResult:
     """Read and validate every record of every file; bad records go to `quarantine`, never raise.
 
     The format is detected once per file (majority of the first records), so one odd record in a ShareGPT file is
-    reported against the ShareGPT schema ("conversations missing") rather than as "unknown format".
+    reported against the ShareGPT schema ("conversations missing") rather than as "unknown format". A column mapping
+    naming a column that a file lacks is an error for the whole file (raised, naming the file and its columns).
     """
     result = LoadResult()
+    columns = columns or {}
     for path in files:
-        file_fmt = file_format(path, fmt)
+        if columns:
+            check_columns(str(path), (item for _, _, item in iter_file_records(path)), columns)
+        file_fmt = file_format(path, fmt, columns=columns)
         result.formats[str(path)] = file_fmt
         for source, line, item in iter_file_records(path):
             if isinstance(item, RecordError):
                 result.quarantine.append(item.as_dict())
                 continue
             try:
+                item = apply_columns(item, columns, source, line)
                 conversation = parse_record(item, file_fmt, source, line)
                 _check_encodable(conversation)
             except RecordError as exc:
@@ -227,7 +230,7 @@ def _check_encodable(conversation: Conversation) -> None:
     """JSON may escape lone surrogates (\\ud800); such text cannot be written as UTF-8, so it is rejected here."""
     for i, message in enumerate(conversation.messages):
         try:
-            message["content"].encode("utf-8")
+            message_text(message).encode("utf-8")
         except UnicodeEncodeError as exc:
             raise RecordError(conversation.source, conversation.line, f"turn[{i}].content",
                               f"invalid UTF-8 (lone surrogate at character {exc.start})") from None

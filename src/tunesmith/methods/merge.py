@@ -79,7 +79,7 @@ def merge_run(path: str | Path, out: str | Path, log=print) -> dict[str, Any]:
     adapter_dir = _adapter_dir(path)
     meta = read_method_file(adapter_dir) or {"method": "lora"}
     method = get_method(meta["method"])
-    if method.name == "full":
+    if not method.export_pair:  # the trained folder is already a whole model
         raise MethodError(f"{path}: {method.merge_refusal}; use {adapter_dir} directly")
     if out.resolve() == path.resolve() or out.resolve() == adapter_dir.resolve():
         raise MethodError(f"--out {out} would overwrite the source; choose another folder")
@@ -94,7 +94,7 @@ def merge_run(path: str | Path, out: str | Path, log=print) -> dict[str, Any]:
     report = {
         "merged": True, "method": method.name, "base_model": info["base_model"], "source": str(path),
         "out": str(out), "probe_inputs": len(PROBE_TEXTS),
-        "compared_to": "quantized base + adapter" if method.name == "qlora" else "unmerged base + adapter",
+        "compared_to": method.merge_compared_to,
         "max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
     }
     with atomic_dir(out) as tmp:

@@ -1,4 +1,9 @@
-"""Method registry: name → Method. Adding a method is one module and one line here."""
+"""Method registry: name → Method (peft's `register_peft_method` pattern).
+
+Adding a method is one module (its Method subclass with its options and planning terms, see base.py) and one line
+in `BUILTIN` — or a `register_method(METHOD)` call from outside the package. The config schema (`MethodConfig`),
+the CLI's method choices, the planner and merge all iterate this registry; none of them names a method.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +13,61 @@ from typing import Any
 
 from tunesmith.methods.base import Method, MethodError, read_method_file
 
-# name → module holding `METHOD`
-_MODULES = {
-    "lora": "tunesmith.methods.lora",
-    "qlora": "tunesmith.methods.qlora",
-    "full": "tunesmith.methods.full",
-    "prefix": "tunesmith.methods.prefix",
-    "prompt": "tunesmith.methods.prompt",
-    "adapters": "tunesmith.methods.adapters",
-}
+# Modules holding `METHOD`, in the order the config lists their options and the planner its rows.
+BUILTIN = (
+    "tunesmith.methods.lora",
+    "tunesmith.methods.qlora",
+    "tunesmith.methods.full",
+    "tunesmith.methods.prefix",
+    "tunesmith.methods.prompt",
+    "tunesmith.methods.adapters",
+)
+_METHODS: dict[str, Method] = {}
+
+
+def _builtins() -> dict[str, Method]:
+    if not _METHODS:
+        for module in BUILTIN:  # light imports: method modules load torch/peft only inside their functions
+            method = importlib.import_module(module).METHOD
+            _METHODS.setdefault(method.name, method)
+    return _METHODS
+
+
+def register_method(method: Method, *, replace: bool = False) -> Method:
+    """Make `method` available by its name to the trainer, planner, CLI and merge. Options sections a method
+    registered after config.py was imported are not part of MethodConfig (register before importing config to
+    add sections); a method without options needs nothing more."""
+    methods = _builtins()
+    if not method.name:
+        raise MethodError(f"{type(method).__name__}: a method needs a name")
+    if method.name in methods and not replace:
+        raise MethodError(f"method {method.name!r} is already registered (pass replace=True to replace it)")
+    methods[method.name] = method
+    return method
+
+
+def unregister_method(name: str) -> None:
+    """Remove a registered method (tests use it to clean up after registering a dummy)."""
+    _builtins().pop(name, None)
+
+
+def method_names() -> list[str]:
+    return list(_builtins())
 
 
 def available_methods() -> list[str]:
-    return list(_MODULES)
+    return method_names()
+
+
+def all_methods() -> list[Method]:
+    return list(_builtins().values())
 
 
 def get_method(name: str) -> Method:
-    if name not in _MODULES:
-        raise MethodError(f"unknown method {name!r}; available: {', '.join(_MODULES)}")
-    return importlib.import_module(_MODULES[name]).METHOD
+    methods = _builtins()
+    if name not in methods:
+        raise MethodError(f"unknown method {name!r}; available: {', '.join(methods)}")
+    return methods[name]
 
 
 def load_trained(path: str | Path, log=print) -> tuple[Any, Any, dict[str, Any]]:
