@@ -11,9 +11,10 @@ trains. Steps, in order (the order is part of the seeded run: the same seed give
 Run directory: config.yaml, data_manifest.json, metrics.jsonl, loss_curves.png, adapter/, summary.json,
 checkpoints/step-N/, and eval.json when test data is configured.
 
-Building on it (continual learning, multi-task sequences): `run_finetune(config, init_model=..., extra_callbacks=...)`
-starts from given weights (`init_model(model, method) -> model` runs after `method.apply`, before training) and adds
-trainer callbacks (the protocol in train/callbacks.py); each step below is a function that a recipe may reuse.
+Building on it (continual learning, multi-task sequences): `run_finetune(config, init_model=..., extra_callbacks=...,
+loss_terms=...)` starts from given weights (`init_model(model, method) -> model` runs after `method.apply`, before
+training), adds trainer callbacks (the protocol in train/callbacks.py) and extra loss terms (an EWC penalty); each
+step below is a function that a recipe may reuse.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from tunesmith.train.callbacks import TrainState
 from tunesmith.train.loop import LoopContext, train
 
 InitModel = Callable[[Any, Method], Any]
+LossTerm = Callable[[Any], tuple[str, Any]]
 
 
 @dataclass
@@ -68,8 +70,12 @@ class TrainingData:
 
 
 def run_finetune(config: RunConfig, resume: bool = False, log=print, *, init_model: InitModel | None = None,
-                 extra_callbacks: Sequence[Any] = ()) -> RunSummary | None:
+                 extra_callbacks: Sequence[Any] = (), loss_terms: Sequence[LossTerm] = ()) -> RunSummary | None:
     """Train one run end to end; returns its summary (None on processes other than the main one).
+
+    init_model(model, method) -> model: runs after method.apply (start from given weights, e.g. an earlier adapter).
+    extra_callbacks: trainer callbacks (train/callbacks.py) beside the configured ones.
+    loss_terms: term(model) -> (name, scalar tensor) added to the loss each step (e.g. an EWC penalty; train/loop.py).
 
     Raises RegistrationFailed (run directory complete) when `output.register_run` is on and registering fails.
     """
@@ -78,7 +84,7 @@ def run_finetune(config: RunConfig, resume: bool = False, log=print, *, init_mod
     data = training_data(run)
     model, before = build_model(run, init_model)
     callbacks = [*_callbacks(config), *extra_callbacks]
-    state, trainable, total = train_model(run, model, data, resume, callbacks)
+    state, trainable, total = train_model(run, model, data, resume, callbacks, list(loss_terms))
     summary = None
     if run.main:
         summary = finish(run, model, state, data, before, trainable, total)
@@ -173,15 +179,15 @@ def build_model(run: FinetuneRun, init_model: InitModel | None) -> tuple[Any, di
     return model, before
 
 
-def train_model(run: FinetuneRun, model, data: TrainingData, resume: bool,
-                callbacks: list[Any]) -> tuple[TrainState, int, int]:
+def train_model(run: FinetuneRun, model, data: TrainingData, resume: bool, callbacks: list[Any],
+                loss_terms: list[LossTerm] | None = None) -> tuple[TrainState, int, int]:
     """Hand the model, the packs and the callbacks to the trainer; returns (state, trainable, total parameters)."""
     config, method = run.config, run.method
     attn = getattr(model.config, "_attn_implementation", None) or ""
     ctx = LoopContext(config.train, run.run_dir, run.tokenizer.pad_token_id,
                       block_mask=config.data.packing and attn != "flash_attention_2", precision=run.precision,
                       accelerator=run.accelerator, method=method, tokenizer=run.tokenizer, callbacks=callbacks,
-                      log=run.log)
+                      log=run.log, loss_terms=list(loss_terms or []))
     trainable = method.trainable_parameter_count(model)
     total = sum(p.numel() for p in model.parameters())
     run.log(f"{method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), "
