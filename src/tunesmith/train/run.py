@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tunesmith.atomic import write_json, write_text
 from tunesmith.config import ConfigError, RunConfig, resolved_yaml
 from tunesmith.data.formats import Conversation, read_conversations, snapshot_hash
@@ -23,6 +21,7 @@ from tunesmith.data.render import RenderStats, render_dataset
 from tunesmith.methods.registry import get_method
 from tunesmith.models.hardware import peak_memory_bytes, resolve_precision
 from tunesmith.models.load import load_model, load_tokenizer
+from tunesmith.train.lock import acquire_run_lock
 from tunesmith.train.loop import LoopContext, train
 
 
@@ -104,6 +103,7 @@ def prepare_data(config: RunConfig, run_dir: Path, log=print) -> dict[str, Any]:
 
 def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
     run_dir = Path(config.output.dir) / (config.output.name or "run")
+    acquire_run_lock(run_dir)  # a second `tunesmith train` on this directory is refused (train/lock.py)
     if run_dir.exists() and not resume:
         if not config.output.overwrite:
             raise ConfigError(f"{run_dir} already exists: pass --resume to continue it, "
@@ -114,15 +114,9 @@ def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
 
 
 def run_training(config: RunConfig, resume: bool = False, log=print) -> dict[str, Any]:
-    from accelerate import Accelerator
+    from tunesmith.train import sharding
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    sharded = accelerator.distributed_type.name
-    if sharded in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        # Checkpoints, the best-model reload and the adapter save read parameters from the unwrapped model: right
-        # for single process and DDP (full replicas), wrong for sharded parameters. Refuse rather than save shards.
-        raise ConfigError(f"accelerate is configured for {sharded}, which tunesmith does not support yet; "
-                          "use data parallelism (DDP: torchrun or `accelerate launch` without FSDP/DeepSpeed)")
+    accelerator = sharding.make_accelerator(config.train)  # one process, DDP or FSDP2; DeepSpeed refused
     main = accelerator.is_main_process
     say = log if main else (lambda *a, **k: None)
     started = time.perf_counter()
@@ -188,10 +182,14 @@ def run_training(config: RunConfig, resume: bool = False, log=print) -> dict[str
         say(state.stop_reason)
 
     summary: dict[str, Any] = {}
+    with sharding.exportable(model, method, accelerator) as export:  # collective under FSDP: gathers the shards
+        if main:
+            method.save(export, run_dir / "adapter", config.method, config.model.name_or_path)
     if main:
-        method.save(model, run_dir / "adapter", config.method, config.model.name_or_path)
         after = None
-        if _has_test(config):
+        if _has_test(config) and sharding.is_sharded(accelerator):
+            say(f"notice: no test-split evaluation inside a sharded run; run `tunesmith eval {run_dir}`")
+        elif _has_test(config):
             after = _task_eval(config, method.prepare_for_generation(model), tokenizer, "tuned", say)
         summary = {
             "name": config.output.name, "method": method.name, "base_model": config.model.name_or_path,
