@@ -82,7 +82,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainStat
     target = Path(run_dir) / "checkpoints" / f"step-{state.step}"
     partial = target.parent / f".{target.name}.partial"
     main = accelerator is None or accelerator.is_main_process
-    error: OSError | None = None
+    error: Exception | None = None
     if main:
         try:
             if partial.exists():
@@ -105,7 +105,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainStat
             payload = {**dataclasses.asdict(state), **extra}
             (partial / "trainer_state.json").write_text(json.dumps(payload, indent=2) + "\n")
             _replace_dir(partial, target)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError("unexpected pos")
             error = exc
             shutil.rmtree(partial, ignore_errors=True)
     _agree(accelerator, error is None, target, error)
@@ -123,7 +123,7 @@ def _save_sharded(path: Path, model, optimizer, target: Path) -> None:
         raise CheckpointWriteError(f"could not write checkpoint {target}: {exc}") from exc
 
 
-def _agree(accelerator, ok: bool, target: Path, error: OSError | None) -> None:
+def _agree(accelerator, ok: bool, target: Path, error: Exception | None) -> None:
     """All processes learn whether the main process's part succeeded (a plain barrier would hang on failure)."""
     if accelerator is not None and accelerator.num_processes > 1:
         flag = torch.tensor([1 if ok else 0], device=accelerator.device)
@@ -132,9 +132,22 @@ def _agree(accelerator, ok: bool, target: Path, error: OSError | None) -> None:
     if not ok:
         last = checkpoint_dirs(target.parent.parent)
         kept = f"the last complete checkpoint, {last[-1]}, is intact" if last else "no earlier checkpoint exists"
-        reason = f"{error.strerror or error}" if error is not None else "another process failed to write it"
-        raise CheckpointWriteError(f"could not write checkpoint {target}: {reason} "
-                                   f"({getattr(error, 'filename', None) or target}); {kept}") from error
+        raise CheckpointWriteError(f"could not write checkpoint {target}: {_reason(error, target)}; {kept}") from error
+
+
+def _reason(error: Exception | None, target: Path) -> str:
+    """What went wrong, in words, with the free space of the file system (torch.save hides ENOSPC)."""
+    if error is None:
+        return "another process failed to write its part"
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else f"{type(error).__name__}: {error}"
+    if isinstance(error, OSError) and error.filename:
+        reason += f" ({error.filename})"
+    for folder in (target.parent, target.parent.parent):
+        try:
+            return f"{reason} [{shutil.disk_usage(folder).free:,} bytes free on that file system]"
+        except OSError:
+            continue
+    return reason
 
 
 def _replace_dir(source: Path, target: Path) -> None:
