@@ -19,7 +19,17 @@ import torch
 from safetensors.torch import load_file
 
 from tests.train.conftest import read_metrics
-from tests.train.procs import ENV, descendants, finish, logged_steps, run_train, sigkill, start_train, wait_for, write_config
+from tests.train.procs import (
+    ENV,
+    descendants,
+    finish,
+    logged_steps,
+    run_train,
+    sigkill,
+    start_train,
+    wait_for,
+    write_config,
+)
 from tunesmith.train.checkpoint import PAUSE_ENV
 from tunesmith.train.run import run_training
 
