@@ -60,6 +60,9 @@ class DataConfig(Section):
     max_train_examples: int | None = Field(None, gt=0, description="Use only the first N training examples.")
     max_validation_examples: int | None = Field(None, gt=0, description="Use only the first N validation examples.")
     prepare: bool = Field(False, description="Run `tunesmith data prepare` (validate, dedup, screen) first.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Map non-standard fields, e.g. {prompt: question, response: answer}."
+    )
 
 
 # -------------------------------------------------------------------------------------------- method

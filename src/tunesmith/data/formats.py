@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.data import toolcalls
-from tunesmith.data.columns import apply_columns, check_columns
+from tunesmith.data.columns import apply_columns, check_columns, parse_columns
 from tunesmith.data.errors import RecordError
 
 __all__ = ["FORMATS", "ROLES", "Conversation", "RecordError", "canonical_json", "detect_format", "parse_record",
@@ -321,13 +321,14 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any]]:
 def read_conversations(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None) -> list[Conversation]:
     """Strict reader for training: every record must parse; the first bad one raises RecordError. `columns` maps
     non-standard field names (see `columns`)."""
+    columns = parse_columns(columns, "data.columns")
     items = list(iter_json_records(path))
-    check_columns(str(path), (item for _, item in items), columns or {})
+    check_columns(str(path), (item for _, item in items), columns)
     conversations = []
     for line, item in items:
         if isinstance(item, RecordError):
             raise item
-        conversations.append(parse_record(apply_columns(item, columns or {}, str(path), line), fmt, str(path), line))
+        conversations.append(parse_record(apply_columns(item, columns, str(path), line), fmt, str(path), line))
     if not conversations:
         raise RecordError(str(path), None, None, "no records")
     return conversations

@@ -51,14 +51,14 @@ def load_splits(config: RunConfig, log=print) -> tuple[list[Conversation], list[
     files: list[dict[str, Any]] = []
     train_conversations: list[Conversation] = []
     for path in data.train:
-        records = read_conversations(path, data.format)
+        records = read_conversations(path, data.format, data.columns)
         files.append({"path": str(path), "split": "train", "sha256": file_sha256(path), "records": len(records)})
         train_conversations.extend(records)
     if data.max_train_examples is not None:
         train_conversations = train_conversations[: data.max_train_examples]
     validation: list[Conversation] = []
     for path in data.validation:
-        records = read_conversations(path, data.format)
+        records = read_conversations(path, data.format, data.columns)
         files.append({"path": str(path), "split": "validation", "sha256": file_sha256(path), "records": len(records)})
         validation.extend(records)
     held_out = 0
@@ -92,7 +92,7 @@ def prepare_data(config: RunConfig, run_dir: Path, log=print) -> dict[str, Any]:
     from tunesmith.data.prepare import options_for_training, prepare
 
     options = options_for_training(config.data, tokenizer=None, seed=config.train.seed)
-    manifest = prepare(list(config.data.train), run_dir / "data", options)
+    manifest = prepare(list(config.data.train), run_dir / "data", options).to_dict()
     splits = manifest["splits"]
     config.data.train = [splits["train"]["path"]]
     if not config.data.validation and splits.get("validation", {}).get("count"):
@@ -227,7 +227,7 @@ def _task_eval(config: RunConfig, model, tokenizer, label: str, log) -> dict[str
     splits = {"test": config.data.test} if config.data.test else {}
     splits.update(config.eval.splits)
     for split, paths in splits.items():
-        conversations = [c for p in paths for c in read_conversations(p, config.data.format)]
+        conversations = [c for p in paths for c in read_conversations(p, config.data.format, config.data.columns)]
         _with_system_prompt(conversations, config.data.system_prompt)
         t0 = time.perf_counter()
         log(f"evaluating the {label} model on {split} "
