@@ -59,8 +59,8 @@ def run_engine(engine, jobs, max_tokens: int) -> tuple[int, float, list[float]]:
             result = engine.generate([GenRequest(prompt_ids=prompt, adapter=adapter, max_tokens=max_tokens,
                                                  ignore_eos=True)])[0]
             with lock:
-                latencies.append(result["latency_s"])
-                tokens[0] += result["completion_tokens"]
+                latencies.append(result.latency_s)
+                tokens[0] += result.completion_tokens
 
     start = time.perf_counter()
     threads = [threading.Thread(target=client, args=(part,)) for part in jobs]

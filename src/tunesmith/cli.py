@@ -26,11 +26,13 @@ def _quiet_libraries() -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from tunesmith.config import load_config
-    from tunesmith.train.run import run_training
+    from tunesmith.recipes.checks import check_run_paths
+    from tunesmith.recipes.finetune import run_finetune
 
     config = load_config(args.config, args.set)
-    result = run_training(config, resume=args.resume)
-    print(json.dumps(result, indent=2) if args.json else "")
+    check_run_paths(config, args.config)  # before the model loads: every missing path in one message
+    summary = run_finetune(config, resume=args.resume)
+    print(json.dumps(summary.to_dict() if summary else {}, indent=2) if args.json else "")
     return 0
 
 
@@ -430,6 +432,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     flags = {"model": args.model, "host": args.host, "port": args.port, "tenants": args.tenants,
              "admin_key_file": args.admin_key_file, "cache_budget": args.cache_budget,
              "max_batch_size": args.max_batch_size, "registry_url": args.registry, "threads": args.threads,
+             "allow_base_mismatch": args.allow_base_mismatch or None,
              "adapters": dict(parse_adapter_flag(a) for a in args.adapter)}
     if args.config is None and args.model is None:
         raise ConfigError("tunesmith serve: give --model BASE (or --config serve.yaml with a 'model' field)")
@@ -453,6 +456,8 @@ def add_serve(sub) -> None:
     p.add_argument("--max-batch-size", type=int, help="rows per forward pass (default 32)")
     p.add_argument("--registry", metavar="URL", help="registry URL for registry:ALIAS adapters")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="serve adapters recorded for another base model anyway (logged; for experts)")
     p.add_argument("--config", metavar="FILE", help="serve.yaml with the same fields (flags win)")
     p.set_defaults(func=cmd_serve)
 
@@ -467,23 +472,24 @@ def _split_names(values: list[str] | None) -> list[str] | None:
 def cmd_eval(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from tunesmith.config import parse_override
-    from tunesmith.eval.report import compact, run_eval
+    from tunesmith.eval.report import EvalRequest, compact, run_eval
 
     options = {}
     for text in args.option:
         keys, value = parse_override(text)
         options[".".join(keys)] = value
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
-    report = run_eval(args.path, data=args.data or None, metrics=_split_names(args.metrics), base=args.base,
-                      max_examples=args.max_examples, forgetting=args.forgetting,
-                      forgetting_max_prompts=args.forgetting_max_prompts, forgetting_max_probes=args.forgetting_max_probes,
-                      forgetting_max_text_tokens=args.forgetting_max_text_tokens,
-                      lm_eval_tasks=_split_names(args.lm_eval), lm_eval_limit=args.lm_eval_limit,
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, options=options, log=log)
+    request = EvalRequest(
+        path=args.path, data=args.data or None, metrics=_split_names(args.metrics), options=options, base=args.base,
+        max_examples=args.max_examples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        forgetting=args.forgetting, forgetting_max_prompts=args.forgetting_max_prompts,
+        forgetting_max_probes=args.forgetting_max_probes, forgetting_max_text_tokens=args.forgetting_max_text_tokens,
+        lm_eval_tasks=_split_names(args.lm_eval), lm_eval_limit=args.lm_eval_limit)
+    report = run_eval(request, log=log)
     if args.json:
         print(json.dumps(compact(report), indent=2))
     else:
-        print(f"wrote {report['paths']['eval_json']} and {report['paths']['eval_html']}")
+        print(f"wrote {report.paths['eval_json']} and {report.paths['eval_html']}")
     return 0
 
 
@@ -549,17 +555,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     plan = build_plan(request)
     if args.write:
-        plan["written"] = str(write_run_config(args.write, run_config(request, plan)))
+        plan.written = str(write_run_config(args.write, run_config(request, plan)))
     if args.json:
-        print(json.dumps(plan, indent=2))
+        print(plan.to_json())
     else:
         render(plan)
         if args.write:
-            print(f"wrote {plan['written']} (method {run_config(request, plan).method.name}); train with `tunesmith train {args.write}`")
+            print(f"wrote {plan.written} (method {run_config(request, plan).method.name}); train with `tunesmith train {args.write}`")
     return 0
 
 
 def add_plan(sub) -> None:
+    from tunesmith.methods.registry import method_names
     from tunesmith.plan.advice import TASK_KINDS
 
     p = sub.add_parser("plan", help="parameter counts, memory per method, and advice before any GPU is rented")
@@ -569,7 +576,7 @@ def add_plan(sub) -> None:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="plan for GPUs (bf16) or CPU (fp32)")
     p.add_argument("--examples", type=int, help="labelled examples you have")
     p.add_argument("--task", choices=TASK_KINDS, default="instruction", help="task kind (sets rank, data advice)")
-    p.add_argument("--method", choices=["lora", "qlora", "full", "prefix", "prompt", "adapters"], help="force a method")
+    p.add_argument("--method", choices=method_names(), help="force a method")
     p.add_argument("--rank", type=int, help="LoRA rank (default by task)")
     p.add_argument("--targets", help="LoRA targets: q_proj,v_proj ... or all-linear (default all-linear)")
     p.add_argument("--virtual-tokens", type=int, help="prefix/prompt tuning virtual tokens (default 20)")
@@ -594,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_train, add_config, add_models, add_data, add_runs, add_merge, add_serve, add_eval, add_plan):
         add(sub)
+    from tunesmith.ui.cli import add_ui  # `tunesmith ui` (the dashboard): its flags live in ui/cli.py
+
+    add_ui(sub)
     return parser
 
 

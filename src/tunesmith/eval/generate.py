@@ -14,25 +14,7 @@ from contextlib import contextmanager
 import torch
 from transformers import GenerationConfig
 
-# End-of-turn markers of common chat templates; whichever the tokenizer knows stops generation.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """Token ids that end an assistant turn: the tokenizer's eos, the model's configured eos, end-of-turn markers."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(int(i) for i in configured)
-    vocab = tokenizer.get_vocab()
-    for token in END_OF_TURN_TOKENS:
-        if token in vocab and token in tokenizer.all_special_tokens:
-            ids.add(int(vocab[token]))
-    return sorted(ids)
+from tunesmith.models.tokens import pad_token_id, stop_token_ids
 
 
 def render_prompts(tokenizer, prompts: list[list[dict[str, str]]]) -> list[list[int]]:
@@ -65,7 +47,7 @@ def _device(model) -> torch.device:
 
 
 def _generation_config(model, tokenizer, max_new_tokens: int, greedy: bool, stops: list[int]) -> GenerationConfig:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    pad = pad_token_id(tokenizer, stops)
     if greedy:
         # A fresh config: a model's sampling defaults (temperature, top_p) must not leak into greedy decoding.
         return GenerationConfig(

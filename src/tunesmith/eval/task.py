@@ -8,9 +8,12 @@ For a conversation [system?, user, assistant, ..., user, assistant]:
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from tunesmith.data.formats import Conversation
+from tunesmith.data.formats import Conversation, read_conversations
 from tunesmith.eval.generate import generate_batch
 from tunesmith.eval.metrics import check_metric_names, score
 
@@ -76,3 +79,68 @@ def evaluate_task(
         "skipped": scored["skipped"],
         "examples": examples,
     }
+
+
+def configured_splits(config) -> dict[str, list[str]]:
+    """The evaluation splits a run config names: {"test": data.test} (when given) plus eval.splits."""
+    splits = {"test": list(config.data.test)} if config.data.test else {}
+    splits.update({name: list(paths) for name, paths in config.eval.splits.items()})
+    return splits
+
+
+def read_split(paths: list[str], fmt: str, system_prompt: str | None) -> list[Conversation]:
+    """Every conversation of one split's files, with the run's system prompt added as in training."""
+    from tunesmith.data.system_prompt import add_system_prompt
+
+    conversations = []
+    for path in paths:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: evaluation data file not found (--data)")
+        conversations.extend(read_conversations(path, fmt))
+    return add_system_prompt(conversations, system_prompt)
+
+
+def data_record_of(paths: list[str], conversations: list[Conversation], max_examples: int | None) -> dict[str, Any]:
+    """What eval.json records of one split's data: resolved files, snapshot hash of the evaluated records, counts."""
+    from tunesmith.data.formats import snapshot_hash
+
+    n = min(len(conversations), max_examples or len(conversations))
+    return {"files": [str(Path(p).resolve()) for p in paths], "hash": snapshot_hash(conversations[:n]),
+            "n_total": len(conversations), "n_evaluated": n,
+            "subset": "all" if n == len(conversations) else f"first {n} of {len(conversations)} (file order)"}
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How the task evaluation generates: greedy, `max_new_tokens` per reply, `batch_size` prompts at a time."""
+
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    max_examples: int | None = None  # the first N examples of each split, in file order
+    decoding: str = "greedy"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
+                "max_examples": self.max_examples, "decoding": self.decoding}
+
+
+def evaluate_splits(model, tokenizer, splits: dict[str, tuple[list[str], list[Conversation]]], metrics: list[str],
+                    settings: GenerationSettings, label: str, log=print,
+                    metric_options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """The one per-split evaluation loop (training's test evaluation and `tunesmith eval` share it).
+
+    splits: {name: (files, conversations)}. Returns {name: evaluate_task result + "seconds" + "files"}.
+    """
+    results = {}
+    for split, (paths, conversations) in splits.items():
+        started = time.perf_counter()
+        n = min(len(conversations), settings.max_examples or len(conversations))
+        log(f"evaluating the {label} model on {split} ({n} of {len(conversations)} examples)")
+        model.eval()
+        result = evaluate_task(model, tokenizer, conversations, metrics, max_new_tokens=settings.max_new_tokens,
+                               batch_size=settings.batch_size, max_examples=settings.max_examples,
+                               **(metric_options or {}))
+        result["seconds"] = round(time.perf_counter() - started, 2)
+        result["files"] = list(paths)
+        results[split] = result
+    return results

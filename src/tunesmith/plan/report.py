@@ -1,12 +1,7 @@
 """`tunesmith plan`: put facts, counts, memory and advice together; print them; write a ready run config.
 
-JSON (stable keys):
-    {"model": {"name", "params_total", "layers", "hidden_size", ...},
-     "methods": {"<method>": {"trainable_params", "trainable_percent", "trainable_formula",
-                              "memory_bytes": {"weights", "trainable", "gradients", "master_weights", "optimizer",
-                                               "activations", "overhead", "total"},
-                              "fits", "gpus_needed": {"unsharded", "sharded"}, ["quant_constant_bits_per_param"]}},
-     "budget": {...}, "assumptions": [...], "decision": {...}, "recommendation": {...}}
+The result is a `records.plan.PlanReport` (its JSON is what `--json` prints): one `MethodPlan` per method in the
+method registry, in registry order; nothing here names a method.
 """
 
 from __future__ import annotations
@@ -18,13 +13,17 @@ from typing import Any
 
 from tunesmith.atomic import write_text
 from tunesmith.config import MethodConfig, RunConfig, resolved_yaml
+from tunesmith.methods.registry import all_methods, get_method
 from tunesmith.models.facts import ModelFacts, model_facts
 from tunesmith.plan.advice import decide, hyperparameters
 from tunesmith.plan.memory import GiB, TrainSetup, estimate_memory, gpus_needed
+from tunesmith.records.plan import MethodPlan, PlanReport
 
-METHODS = ("full", "lora", "qlora", "prefix", "prompt", "adapters")
-# Preference when several fit: quality per FIELD.md's method table (LoRA ~ full on most tasks, cheaper).
-PREFERENCE = ("lora", "qlora", "full", "adapters", "prefix", "prompt")
+
+def preference() -> list[str]:
+    """Methods in the order the planner prefers them when several fit (`Method.plan_preference`: quality per
+    FIELD.md's method table, LoRA ~ full on most tasks and cheaper)."""
+    return [m.name for m in sorted(all_methods(), key=lambda m: m.plan_preference)]
 
 
 class PlanError(ValueError):
@@ -66,14 +65,9 @@ class PlanRequest:
 
 def method_config(name: str, req: PlanRequest, params_total: int) -> MethodConfig:
     hp = hyperparameters(params_total, name, req.task, req.examples)
-    options: dict[str, Any] = {"name": name}
-    if name in ("lora", "qlora"):
-        rank = req.rank or hp.rank
-        options["lora"] = {"r": rank, "alpha": 2 * rank, "dropout": hp.lora_dropout,
-                           "target_modules": req.targets if req.targets is not None else "all-linear"}
-    if name in ("prefix", "prompt") and req.virtual_tokens:
-        options[name] = {"num_virtual_tokens": req.virtual_tokens}
-    return MethodConfig.model_validate(options)
+    options = get_method(name).plan_options(rank=req.rank or hp.rank or 16, dropout=hp.lora_dropout,
+                                            targets=req.targets, virtual_tokens=req.virtual_tokens)
+    return MethodConfig.model_validate({"name": name, **options})
 
 
 def setup_for(req: PlanRequest) -> TrainSetup:
@@ -99,90 +93,86 @@ def assumptions(req: PlanRequest, setup: TrainSetup) -> list[str]:
     ]
 
 
-def build_plan(req: PlanRequest, facts: ModelFacts | None = None) -> dict[str, Any]:
+def model_summary(facts: ModelFacts) -> dict[str, Any]:
+    return {"name": facts.name, "params_total": facts.params_total, "layers": facts.num_layers,
+            "hidden_size": facts.hidden_size, "model_type": facts.model_type, "vocab_size": facts.vocab_size,
+            "num_attention_heads": facts.num_heads, "num_key_value_heads": facts.num_kv_heads,
+            "head_dim": facts.head_dim, "intermediate_size": facts.intermediate_size,
+            "tie_word_embeddings": facts.tie_word_embeddings, "config_source": facts.source,
+            "counted_by": facts.counted_by}
+
+
+def build_plan(req: PlanRequest, facts: ModelFacts | None = None) -> PlanReport:
     facts = facts or model_facts(req.model)
     if req.gpus < 1:
         raise PlanError(f"--gpus {req.gpus}: need at least 1")
     setup = setup_for(req)
-    methods: dict[str, Any] = {}
-    configs: dict[str, MethodConfig] = {}
-    for name in METHODS:
-        cfg = method_config(name, req, facts.params_total)
-        configs[name] = cfg
+    methods: dict[str, MethodPlan] = {}
+    for owner in all_methods():
+        cfg = method_config(owner.name, req, facts.params_total)
         est = estimate_memory(facts, cfg, setup)
         unsharded = gpus_needed(est, req.gpu_memory_bytes, sharded=False)
         sharded = gpus_needed(est, req.gpu_memory_bytes, sharded=True)
         fits = unsharded is not None or (req.gpus > 1 and sharded is not None and sharded <= req.gpus)
-        entry: dict[str, Any] = {
-            "trainable_params": est.trainable_params,
-            "trainable_percent": round(100 * est.trainable_params / facts.params_total, 6),
-            "trainable_formula": est.trainable_formula,
-            "memory_bytes": est.memory_bytes(),
-            "fits": bool(fits),
-            "gpus_needed": {"unsharded": unsharded, "sharded": sharded},
-            "notes": est.notes,
-        }
-        if est.quant_constant_bits_per_param is not None:
-            entry["quant_constant_bits_per_param"] = est.quant_constant_bits_per_param
-        methods[name] = entry
+        methods[owner.name] = MethodPlan(
+            trainable_params=est.trainable_params,
+            trainable_percent=round(100 * est.trainable_params / facts.params_total, 6),
+            trainable_formula=est.trainable_formula, memory_bytes=est.memory_bytes(), fits=bool(fits),
+            gpus_needed={"unsharded": unsharded, "sharded": sharded}, notes=est.notes,
+            quant_constant_bits_per_param=est.quant_constant_bits_per_param, description=owner.description,
+        )
     decision = decide(examples=req.examples, knowledge_changes_often=req.knowledge_changes_often,
                       needs_citations=req.needs_citations, prompting_good_enough=req.prompting_good_enough,
                       base_too_weak=req.base_too_weak)
-    recommendation = recommend(req, facts, methods, decision)
-    return {
-        "model": {"name": facts.name, "params_total": facts.params_total, "layers": facts.num_layers,
-                  "hidden_size": facts.hidden_size, "model_type": facts.model_type, "vocab_size": facts.vocab_size,
-                  "num_attention_heads": facts.num_heads, "num_key_value_heads": facts.num_kv_heads,
-                  "head_dim": facts.head_dim, "intermediate_size": facts.intermediate_size,
-                  "tie_word_embeddings": facts.tie_word_embeddings, "config_source": facts.source,
-                  "counted_by": facts.counted_by},
-        "budget": {"device": req.device, "gpus": req.gpus, "gpu_memory_bytes": req.gpu_memory_bytes},
-        "assumptions": assumptions(req, setup),
-        "decision": {"choice": decision.choice, "fine_tune": decision.fine_tune, "reasons": decision.reasons},
-        "methods": methods,
-        "recommendation": recommendation,
-    }
+    return PlanReport(
+        model=model_summary(facts),
+        budget={"device": req.device, "gpus": req.gpus, "gpu_memory_bytes": req.gpu_memory_bytes},
+        assumptions=assumptions(req, setup),
+        decision={"choice": decision.choice, "fine_tune": decision.fine_tune, "reasons": decision.reasons},
+        methods=methods,
+        recommendation=recommend(req, facts, methods, decision),
+    )
 
 
-def recommend(req: PlanRequest, facts: ModelFacts, methods: dict[str, Any], decision) -> dict[str, Any]:
+def recommend(req: PlanRequest, facts: ModelFacts, methods: dict[str, MethodPlan], decision) -> dict[str, Any]:
     if not decision.fine_tune:
         return {"fine_tune": False, "choice": decision.choice, "method": None, "reasons": decision.reasons}
     reasons = list(decision.reasons)
+    order = preference()
     if req.method:
         name = req.method
         reasons.append(f"method {name} chosen with --method")
-        if not methods[name]["fits"]:
+        if not methods[name].fits:
             reasons.append(f"warning: {name} does not fit the budget (see gpus_needed)")
     else:
-        fitting = [m for m in PREFERENCE if methods[m]["fits"]]
+        fitting = [m for m in order if methods[m].fits]
         if req.task == "behaviour" and "full" in fitting:
             name = "full"
             reasons.append("wholesale behaviour change with full fine-tuning fitting the budget: full fine-tuning")
         elif fitting:
             name = fitting[0]
-            skipped = [m for m in PREFERENCE[: PREFERENCE.index(name)]]
-            reasons.append(f"{name}: the first of {', '.join(PREFERENCE)} that fits"
+            skipped = order[: order.index(name)]
+            reasons.append(f"{name}: the first of {', '.join(order)} that fits"
                            + (f" ({', '.join(skipped)} do not)" if skipped else ""))
         else:
             name = "qlora"
-            need = methods["qlora"]["gpus_needed"]["sharded"]
+            need = methods["qlora"].gpus_needed["sharded"]
             reasons.append(f"no method fits {req.gpus} x {req.gpu_memory_bytes / GiB:g} GiB; qlora needs "
                            + (f"{need} GPUs with sharding" if need else "a larger GPU") + ", or lower --batch-size/--seq-len, or --gradient-checkpointing")
     hp = hyperparameters(facts.params_total, name, req.task, req.examples)
     reasons.extend(hp.reasons)
-    rank = methods[name]
-    return {"fine_tune": True, "choice": "fine-tune", "method": name, "fits": rank["fits"],
+    return {"fine_tune": True, "choice": "fine-tune", "method": name, "fits": methods[name].fits,
             "hyperparameters": hp.as_dict(), "reasons": reasons}
 
 
-def run_config(req: PlanRequest, plan: dict[str, Any]) -> RunConfig:
+def run_config(req: PlanRequest, plan: PlanReport) -> RunConfig:
     """A RunConfig for the recommended (or --method) method that `tunesmith train` accepts unchanged."""
-    rec = plan["recommendation"]
+    rec = plan.recommendation
     name = rec.get("method") or req.method or "lora"
-    hp = rec.get("hyperparameters") or hyperparameters(plan["model"]["params_total"], name, req.task, req.examples).as_dict()
+    hp = rec.get("hyperparameters") or hyperparameters(plan.model["params_total"], name, req.task, req.examples).as_dict()
     config = RunConfig()
     config.model.name_or_path = req.model
-    config.method = method_config(name, req, plan["model"]["params_total"])
+    config.method = method_config(name, req, plan.model["params_total"])
     config.data.train = list(req.train_files)
     config.data.max_seq_len = req.seq_len
     t = config.train
@@ -210,7 +200,7 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def render(plan: dict[str, Any], console=None) -> None:
+def render(plan: PlanReport, console=None) -> None:
     """Human output: a rich table of methods plus the decision, recommendation and assumptions."""
     import sys
 
@@ -218,24 +208,25 @@ def render(plan: dict[str, Any], console=None) -> None:
     from rich.table import Table
 
     console = console or Console(width=None if sys.stdout.isatty() else 150)
-    m = plan["model"]
+    m = plan.model
     console.print(f"[bold]{m['name']}[/]: {m['params_total']:,} parameters ({m['params_total'] / 1e9:.2f}B), "
                   f"{m['layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads / "
                   f"{m['num_key_value_heads']} kv, vocab {m['vocab_size']:,} (config: {m['config_source']}, counted by {m['counted_by']})")
     table = Table(title="memory per method (GiB)")
     for col in ("method", "trainable", "%", "weights", "train.", "grads", "optim.", "activ.", "total", "GPUs (1/sharded)", "fits"):
         table.add_column(col, justify="left" if col == "method" else "right")
-    for name, e in plan["methods"].items():
-        b = e["memory_bytes"]
-        g = e["gpus_needed"]
+    for name, e in plan.methods.items():
+        b = e.memory_bytes
+        g = e.gpus_needed
         gpus = f"{g['unsharded'] or '-'} / {g['sharded'] or '-'}"
-        table.add_row(name, _human(e["trainable_params"]), f"{e['trainable_percent']:.4g}",
+        table.add_row(name, _human(e.trainable_params), f"{e.trainable_percent:.4g}",
                       *(f"{b[k] / GiB:.2f}" for k in ("weights", "trainable", "gradients", "optimizer", "activations", "total")),
-                      gpus, "[green]yes[/]" if e["fits"] else "[red]no[/]")
+                      gpus, "[green]yes[/]" if e.fits else "[red]no[/]")
     console.print(table)
-    if "qlora" in plan["methods"]:
-        console.print(f"qlora quantization constants: {plan['methods']['qlora']['quant_constant_bits_per_param']:.4f} bits/param")
-    d, r = plan["decision"], plan["recommendation"]
+    for name, e in plan.methods.items():
+        if e.quant_constant_bits_per_param is not None:
+            console.print(f"{name} quantization constants: {e.quant_constant_bits_per_param:.4f} bits/param")
+    d, r = plan.decision, plan.recommendation
     console.print(f"[bold]decision:[/] {d['choice']} — " + "; ".join(d["reasons"]))
     if r.get("method"):
         hp = r["hyperparameters"]
@@ -246,5 +237,5 @@ def render(plan: dict[str, Any], console=None) -> None:
         for reason in r["reasons"]:
             console.print(f"  - {reason}")
     console.print("[bold]assumptions:[/]")
-    for line in plan["assumptions"]:
+    for line in plan.assumptions:
         console.print(f"  - {line}")

@@ -51,6 +51,17 @@ class Tenants:
                 found = tenant
         return found
 
+    def owner(self, name: str) -> str | None:
+        """The tenant owning an adapter or alias, or None when it is shared."""
+        return self.owners.get(name)
+
+    def set_owner(self, name: str, tenant: str | None) -> None:
+        """Give `name` to `tenant` (None: shared with every tenant)."""
+        if tenant is None:
+            self.owners.pop(name, None)
+        else:
+            self.owners[name] = tenant
+
     def may_use(self, tenant: str, name: str) -> bool:
         owner = self.owners.get(name)
         return tenant == OPEN or owner is None or owner == tenant

@@ -6,13 +6,20 @@ Per optimizer step (global batch = batch_size x gradient_accumulation_steps x pr
 so the gradient is the token-weighted mean over the global batch, whatever the split into micro-batches and
 processes (DDP averages gradients over processes, hence each process scales its CE_sum by world_size / N).
 Schedule: linear warm-up over warmup_ratio of the steps, then cosine (or linear/constant) decay.
+
+Extra loss terms (`LoopContext.loss_terms`, e.g. an EWC penalty): each is a function `term(model) -> (name, value)`
+called once per optimizer step, on the last micro-batch; its value is added to the loss of every process, so the
+gradient is d(mean token CE + sum of terms)/d(theta) (DDP averages the identical term gradients of all processes),
+and the value is logged as `name` beside train_loss in metrics.jsonl.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +72,8 @@ class LoopContext:
     tokenizer: Any
     callbacks: list[Any] = field(default_factory=list)
     log: Any = print
+    # Extra loss terms: term(model) -> (name, scalar tensor), model = the unwrapped model (see the module docstring).
+    loss_terms: list[Callable[[Any], tuple[str, torch.Tensor]]] = field(default_factory=list)
 
 
 def output_head(model) -> torch.nn.Module | None:
@@ -242,7 +251,7 @@ def train(model, ctx: LoopContext, train_packs: list[Pack], val_packs: list[Pack
         micro_packs = [[train_packs[i] for i in indices] for indices in micro]
         local_targets = sum(count_targets(p) for p in micro_packs)
         (global_targets,) = all_reduce_sum(acc, [float(local_targets)])
-        loss_total, real_tokens = accumulate_gradients(model, ctx, micro_packs, global_targets)
+        loss_total, real_tokens, terms = accumulate_gradients(model, ctx, micro_packs, global_targets, unwrapped)
         grad_norm = None
         if cfg.max_grad_norm is not None:
             grad_norm = float(acc.clip_grad_norm_(
@@ -265,6 +274,7 @@ def train(model, ctx: LoopContext, train_packs: list[Pack], val_packs: list[Pack
                           tokens_per_second=round(window_tokens / max(elapsed, 1e-9), 2))
             if grad_norm is not None:
                 record["grad_norm"] = round(grad_norm, 6)
+            record.update({name: round(value, 6) for name, value in terms.items()})
             window_tokens, window_start = 0, time.perf_counter()
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss is {train_loss} at step {state.step}; lower train.learning_rate")
@@ -290,23 +300,31 @@ def train(model, ctx: LoopContext, train_packs: list[Pack], val_packs: list[Pack
     return state
 
 
-def accumulate_gradients(model, ctx: LoopContext, micro_packs: list[list[Pack]], global_targets: float) -> tuple[float, int]:
+def accumulate_gradients(model, ctx: LoopContext, micro_packs: list[list[Pack]], global_targets: float,
+                         unwrapped=None) -> tuple[float, int, dict[str, float]]:
     """Backward over this process's micro-batches of one optimizer step; gradients are token-weighted.
 
-    Returns (sum of token losses here, non-padding tokens here). DDP gradient sync happens on the last micro-batch.
+    Returns (sum of token losses here, non-padding tokens here, extra loss terms by name). Gradient sync across
+    processes happens on the last micro-batch, which also carries the extra loss terms (once per step).
     """
     acc = ctx.accelerator
-    loss_total, real_tokens = 0.0, 0
+    loss_total, real_tokens, terms = 0.0, 0, {}
     for index, packs in enumerate(micro_packs):
         batch = collate(packs, ctx.pad_token_id, block_mask=ctx.block_mask)
         real_tokens += int(batch["real_tokens"])
         sync = index == len(micro_packs) - 1
-        context = acc.no_sync(model) if not sync and acc.num_processes > 1 else _null()
+        context = acc.no_sync(model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
         with context:
             loss_sum, _ = forward_loss(model, ctx.method, batch, ctx.precision, acc.device)
-            acc.backward(loss_sum * acc.num_processes / max(global_targets, 1.0))
+            loss = loss_sum * acc.num_processes / max(global_targets, 1.0)
+            if sync:
+                for term in ctx.loss_terms:
+                    name, value = term(unwrapped if unwrapped is not None else model)
+                    loss = loss + value
+                    terms[name] = float(value.detach())
+            acc.backward(loss)
         loss_total += float(loss_sum.detach())
-    return loss_total, real_tokens
+    return loss_total, real_tokens, terms
 
 
 def _evaluate(model, unwrapped, ctx: LoopContext, val_packs, state: TrainState, record: dict[str, Any]) -> None:
@@ -325,14 +343,6 @@ def _evaluate(model, unwrapped, ctx: LoopContext, val_packs, state: TrainState, 
     unwrapped.eval()
     record.update(call(ctx.callbacks, "on_evaluate", state, unwrapped, ctx.tokenizer))
     unwrapped.train()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _Progress:
