@@ -159,3 +159,30 @@ def test_report_lists_every_redaction_never_the_value(tmp_path):
     train = "".join((out / f"{name}.jsonl").read_text() for name in manifest.splits)
     assert "https://www.bbc.co.uk/news/science-environment-56837908" in train and "[SECRET]" not in train
     assert "https://upload.wikimedia.org/wikipedia/commons/a/ab/File.jpg" in train
+
+
+# ------------------------------------------------------------------------------------ training path
+def test_training_reads_tool_calls_from_a_saved_dataset_with_mapped_columns(tmp_path, tiny_model_dir):
+    """One optimizer step end to end: a `datasets` folder (split `train`) whose turns live in a non-standard
+    column, tool calls rendered by the ChatML template's fallback, the notice and the counts in data_manifest.json."""
+    from datasets import Dataset, DatasetDict
+
+    from tunesmith.config import load_config
+    from tunesmith.recipes.finetune import run_finetune
+
+    good = [json.loads(line) for line in (FIXTURES / "openai_toolcalls.jsonl").read_text().splitlines()][:4]
+    # Arrow unifies the turns into one struct type, so absent keys come back as nested nulls (tool_calls=None on
+    # a user turn, ...); tools are kept as LLaMA-Factory's JSON string
+    rows = [{"dialog": r["messages"], "tools": json.dumps(r.get("tools", []))} for r in good]
+    folder = tmp_path / "saved"
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(folder))
+    config = load_config(None, [
+        f"model.name_or_path={tiny_model_dir}", f"data.train=[{folder}:train]", "data.validation=[]",
+        "data.validation_fraction=0", "data.max_seq_len=1024", "data.columns={messages: dialog}",
+        "train.batch_size=2", "train.max_steps=1", "train.show_progress=false", "method.lora.r=4",
+        f"output.dir={tmp_path / 'runs'}", "output.name=tools", "output.register_run=false"])
+    run_finetune(config, log=lambda *a, **k: None)
+    manifest = json.loads((tmp_path / "runs" / "tools" / "data_manifest.json").read_text())
+    assert manifest["train_records"] == 4 and manifest["files"][0]["sha256"] is None
+    render = manifest["render"]["train"]
+    assert render["examples_out"] == 4 and render["tool_fallback"] == 3 and "no tool support" in render["notices"][0]
