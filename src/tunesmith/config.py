@@ -84,6 +84,9 @@ class DataConfig(Section):
     mix_size: int | None = Field(
         None, gt=0, description="Training records in the mixture (default: the most that needs no repeats)."
     )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Map non-standard fields, e.g. {prompt: question, response: answer}."
+    )
 
 
 # -------------------------------------------------------------------------------------------- method
