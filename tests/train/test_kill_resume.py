@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tunesmith.train.run import run_training
 
 from tests.train.conftest import read_metrics
 from tests.train.procs import (
@@ -31,7 +32,6 @@ from tests.train.procs import (
     write_config,
 )
 from tunesmith.train.checkpoint import PAUSE_ENV
-from tunesmith.train.run import run_training
 
 STEPS = ["train.max_steps=6", "train.eval_steps=1", "train.save_steps=2", "method.lora.dropout=0.1"]
 
