@@ -589,10 +589,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, master_weights=args.master_weights,
         knowledge_changes_often=args.knowledge_changes_often, needs_citations=args.needs_citations,
         prompting_good_enough=args.prompting_good_enough, base_too_weak=args.base_too_weak, train_files=args.data,
+        effective_batch=args.effective_batch, variants=args.variants,
     )
     plan = build_plan(request)
     if args.write:
-        plan.written = str(write_run_config(args.write, run_config(request, plan)))
+        plan.written = str(write_run_config(args.write, run_config(request, plan), plan))
     if args.json:
         print(plan.to_json())
     else:
@@ -619,16 +620,19 @@ def add_plan(sub) -> None:
     p.add_argument("--rank", type=int, help="LoRA rank (default by task)")
     p.add_argument("--targets", help="LoRA targets: q_proj,v_proj ... or all-linear (default all-linear)")
     p.add_argument("--virtual-tokens", type=int, help="prefix/prompt tuning virtual tokens (default 20)")
-    p.add_argument("--batch-size", type=int, default=4, help="micro-batch size")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--batch-size", type=int, default=4, help="largest micro-batch to start the search from")
+    p.add_argument("--effective-batch", type=int, default=16, help="sequences per optimizer step, kept by accumulation")
+    p.add_argument("--variants", type=int, help="how many task variants you will train (many: cheap prompt learning)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (shortened only as a last resort)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="force checkpointing (else on when needed)")
     p.add_argument("--optimizer", choices=["adamw", "adamw_8bit", "paged_adamw_8bit"], default="adamw")
     p.add_argument("--master-weights", action="store_true", help="count fp32 master weights for 16-bit full FT")
     p.add_argument("--knowledge-changes-often", action="store_true", help="decision step: knowledge changes often")
     p.add_argument("--needs-citations", action="store_true", help="decision step: answers must cite sources")
     p.add_argument("--prompting-good-enough", action="store_true", help="decision step: prompting meets the bar")
     p.add_argument("--base-too-weak", action="store_true", help="decision step: the base model lacks the ability")
-    p.add_argument("--data", action="append", default=[], metavar="FILE", help="training file for the written config")
+    p.add_argument("--data", action="append", default=[], metavar="FILE",
+                   help="training file: lengths and labelled share for the plan, and data.train in the written config")
     p.add_argument("--write", metavar="RUN_YAML", help="write a run config that `tunesmith train` accepts")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)
