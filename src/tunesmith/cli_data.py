@@ -11,6 +11,7 @@ from tunesmith.cli import _quiet_libraries, command
 
 
 def _prepare_options(args: argparse.Namespace):
+    from tunesmith.data.columns import parse_columns
     from tunesmith.data.prepare import PrepareOptions
 
     return PrepareOptions(
@@ -20,6 +21,7 @@ def _prepare_options(args: argparse.Namespace):
         trim_percentile=args.trim_percentile, seq_len=args.seq_len, split=args.split, seed=args.seed,
         tokenizer=args.tokenizer, stratify_clusters=args.stratify_clusters, remove_leakage=args.remove_leakage,
         clusters=args.clusters, embedder=args.embedder, diversity=not args.no_diversity,
+        columns=parse_columns(args.columns),
     )
 
 
@@ -47,7 +49,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from tunesmith.data.prepare import check
 
-    manifest = check(args.files, _prepare_options(args))
+    manifest = check(args.files, _prepare_options(args)).to_dict()
     if args.json:
         print(json.dumps(manifest, indent=2, ensure_ascii=False))
     else:
@@ -61,7 +63,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from tunesmith.data.prepare import prepare
 
-    manifest = prepare(args.files, args.out, _prepare_options(args))
+    manifest = prepare(args.files, args.out, _prepare_options(args)).to_dict()
     if args.json:
         print(json.dumps(manifest, indent=2, ensure_ascii=False))
     else:
@@ -72,9 +74,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
     from tunesmith.atomic import write_text as atomic_write_text
+    from tunesmith.data.columns import parse_columns
     from tunesmith.data.convert import convert_file, to_jsonl
 
-    records, problems = convert_file(args.file, args.to, args.format)
+    records, problems = convert_file(args.file, args.to, args.format, parse_columns(args.columns))
     for problem in problems:
         where = f"{problem['file']}:{problem['line']}"
         field = f" field '{problem['field']}'" if problem["field"] else ""
@@ -88,7 +91,11 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
 
 def _add_data_common(p) -> None:
-    p.add_argument("files", nargs="+", metavar="FILE", help="JSONL, JSON, CSV, Parquet files or saved datasets folders")
+    p.add_argument("files", nargs="+", metavar="FILE", help="JSONL, JSON, CSV, Parquet files, saved datasets folders "
+                   "(FOLDER[:SPLIT]) or hub datasets (hf:ORG/NAME[:SPLIT][@REVISION])")
+    p.add_argument("--columns", default=None, metavar="NAME=COLUMN,...",
+                   help="map non-standard fields, e.g. prompt=question,response=answer (names: prompt/instruction, "
+                   "query/input, response/output, system, tools, messages, conversations, text, role, content)")
     p.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages", "chatml"],
                    help="record format for every file (default: detected per file)")
     p.add_argument("--dedup", default="exact,near", help="dedup kinds: exact,near | exact | near | none")
@@ -130,4 +137,5 @@ def add_data(sub) -> None:
     v.add_argument("--to", required=True, choices=["alpaca", "sharegpt", "messages", "chatml"])
     v.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages", "chatml"])
     v.add_argument("--out", default=None, metavar="FILE", help="output JSONL (default: stdout)")
+    v.add_argument("--columns", default=None, metavar="NAME=COLUMN,...", help="map non-standard fields (as in data check)")
     v.set_defaults(func=cmd_data_convert)

@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tunesmith.atomic import write_json, write_text
 from tunesmith.config import ConfigError, RunConfig, resolved_yaml
 from tunesmith.data.pack import Pack, pack_examples, single_packs
@@ -41,6 +39,7 @@ from tunesmith.recipes.report import finish_run, task_eval, write_task_eval
 from tunesmith.recipes.splits import load_splits, prepare_data
 from tunesmith.records.run import RunSummary
 from tunesmith.train.callbacks import TrainState
+from tunesmith.train.lock import acquire_run_lock
 from tunesmith.train.loop import LoopContext, train
 
 InitModel = Callable[[Any, Method], Any]
@@ -85,6 +84,11 @@ def run_finetune(config: RunConfig, resume: bool = False, log=print, *, init_mod
     model, before = build_model(run, init_model)
     callbacks = [*_callbacks(config), *extra_callbacks]
     state, trainable, total = train_model(run, model, data, resume, callbacks, list(loss_terms))
+    from tunesmith.train import sharding
+
+    with sharding.exportable(model, run.method, run.accelerator) as export:  # collective under FSDP: gathers shards
+        if run.main:
+            run.method.save(export, run.run_dir / "adapter", config.method, config.model.name_or_path)
     summary = None
     if run.main:
         summary = finish(run, model, state, data, before, trainable, total)
@@ -93,15 +97,9 @@ def run_finetune(config: RunConfig, resume: bool = False, log=print, *, init_mod
 
 
 def start_run(config: RunConfig, resume: bool, log) -> FinetuneRun:
-    from accelerate import Accelerator
+    from tunesmith.train import sharding
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    sharded = accelerator.distributed_type.name
-    if sharded in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        # Checkpoints, the best-model reload and the adapter save read parameters from the unwrapped model: right
-        # for single process and DDP (full replicas), wrong for sharded parameters. Refuse rather than save shards.
-        raise ConfigError(f"accelerate is configured for {sharded}, which tunesmith does not support yet; "
-                          "use data parallelism (DDP: torchrun or `accelerate launch` without FSDP/DeepSpeed)")
+    accelerator = sharding.make_accelerator(config.train)  # one process, DDP or FSDP2; DeepSpeed refused
     main = accelerator.is_main_process
     say = log if main else (lambda *a, **k: None)
     started = time.perf_counter()
@@ -122,6 +120,7 @@ def start_run(config: RunConfig, resume: bool, log) -> FinetuneRun:
 
 def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
     run_dir = Path(config.output.dir) / (config.output.name or "run")
+    acquire_run_lock(run_dir)  # a second `tunesmith train` on this directory is refused (train/lock.py)
     if run_dir.exists() and not resume:
         if not config.output.overwrite:
             raise ConfigError(f"{run_dir} already exists: pass --resume to continue it, "
@@ -202,9 +201,12 @@ def finish(run: FinetuneRun, model, state: TrainState, data: TrainingData, befor
            trainable: int, total: int) -> RunSummary:
     """Main process: save the adapter, evaluate on the test splits, write summary.json, report and register."""
     config, method, run_dir = run.config, run.method, run.run_dir
-    method.save(model, run_dir / "adapter", config.method, config.model.name_or_path)
-    after = None
-    if config.data.test or config.eval.splits:
+    from tunesmith.train import sharding
+
+    after = None  # the adapter was saved (gathered) by run_finetune before this
+    if (config.data.test or config.eval.splits) and sharding.is_sharded(run.accelerator):
+        run.log(f"notice: no test-split evaluation inside a sharded run; run `tunesmith eval {run_dir}`")
+    elif config.data.test or config.eval.splits:
         after = task_eval(config, method.prepare_for_generation(model), run.tokenizer, "tuned", run.log)
     summary = RunSummary(
         name=config.output.name, method=method.name, base_model=config.model.name_or_path, run_dir=str(run_dir),
