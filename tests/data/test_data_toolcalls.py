@@ -239,3 +239,26 @@ def test_prepared_splits_keep_tools_and_calls(tmp_path):
     assert sum("tools" in r for r in rows) == 7
     assert sum(1 for r in rows for m in r["messages"] if m.get("tool_calls")) == 4 + 3  # calling turns in the files
     assert "Conversations with tools or tool calls: 7." in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_lengths_measure_tool_conversations_as_training_renders_them(tool_tokenizer):
+    from tunesmith.data import lengths
+
+    conversations = load_records([OPENAI]).conversations
+    measured, unit = lengths.token_lengths(conversations, tool_tokenizer)
+    assert measured == [len(render_example(tool_tokenizer, c).input_ids) for c in conversations]
+    words, _ = lengths.token_lengths(conversations)
+    assert words[0] > len(conversations[0].messages[0]["content"].split())  # the call's JSON counts too
+
+
+def test_cli_convert_between_dialects(tmp_path, capsys):
+    from tunesmith.cli import main
+
+    out = tmp_path / "messages.jsonl"
+    assert main(["data", "convert", str(TOOLS), "--to", "messages", "--out", str(out)]) == 1  # one record skipped
+    err = capsys.readouterr().err
+    assert f"skipped {TOOLS}:5 field 'conversations[1].value'" in err and "wrote 4 records" in err
+    back = tmp_path / "sharegpt.jsonl"
+    assert main(["data", "convert", str(out), "--to", "sharegpt", "--out", str(back)]) == 0
+    assert [c.canonical() for c in load_records([back]).conversations] == \
+        [c.canonical() for c in load_records([TOOLS]).conversations]
