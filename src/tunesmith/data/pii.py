@@ -103,6 +103,8 @@ def _keyword_hint() -> re.Pattern:
     return re.compile(rf"(?:{keys})[\w'\"\]\s]{{0,8}}(?:[:=]|=>)|[=!]=\s*['\"]", re.IGNORECASE)
 
 
+# Substrings every key of detect-secrets' keyword list (and "token") contains: a cheap test before the hint regex.
+_KEY_WORDS = ("key", "pass", "pwd", "secret", "token", "contrase")
 _PLACEHOLDER_WORDS = ("example", "your", "here", "xxxx", "changeme", "placeholder", "redacted", "dummy", "fake",
                       "sample", "****", "<", ">", "{", "}", "[", "]")
 
@@ -139,9 +141,11 @@ def _secret_spans(text: str) -> list[Span]:
                 key_name = re.match(r"[A-Za-z_]+=", m.group(group))  # Azure's `AccountKey=`: keep the name
                 found.append(("API_KEY", start + (key_name.end() if key_name else 0), end))
     found += [("SECRET", *m.span(1)) for m in _basic_auth().finditer(text)]
+    if not any(word in text.lower() for word in _KEY_WORDS):
+        return found
     for line_match in re.finditer(r"[^\n]+", text):
         line, offset = line_match.group(), line_match.start()
-        if not _keyword_hint().search(line):
+        if not any(word in line.lower() for word in _KEY_WORDS) or not _keyword_hint().search(line):
             continue
         for pattern, group in _assignment_patterns():
             for m in pattern.finditer(line):
