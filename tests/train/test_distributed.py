@@ -53,7 +53,7 @@ def test_untested_engines_are_refused_clearly(make_config, tmp_path, monkeypatch
     import accelerate
 
     from tunesmith.config import ConfigError
-    from tunesmith.train.run import run_training
+    from tunesmith.recipes.finetune import run_finetune
 
     class Sharded:
         def __init__(self, *args, **kwargs):
@@ -62,7 +62,7 @@ def test_untested_engines_are_refused_clearly(make_config, tmp_path, monkeypatch
     monkeypatch.setattr(accelerate, "Accelerator", Sharded)
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     with pytest.raises(ConfigError, match=f"{kind}.*not support"):
-        run_training(make_config(), log=lambda *a, **k: None)
+        run_finetune(make_config(), log=lambda *a, **k: None)
 
 
 def test_fsdp_version_1_is_refused(make_config, monkeypatch):

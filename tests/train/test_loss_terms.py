@@ -55,9 +55,9 @@ def test_loss_terms_are_logged_in_metrics(make_config, monkeypatch):
         self.loss_terms = [l2_term]
 
     monkeypatch.setattr(loop.LoopContext, "__init__", with_term)
-    from tunesmith.train.run import run_training
+    from tunesmith.recipes.finetune import run_finetune
 
     config = make_config("train.max_steps=2")
-    run_training(config, log=lambda *a, **k: None)
+    run_finetune(config, log=lambda *a, **k: None)
     records = read_metrics(Path(config.output.dir) / "run")
     assert all("l2_penalty" in r and "train_loss" in r for r in records)
