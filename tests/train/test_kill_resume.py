@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tunesmith.recipes.finetune import run_finetune
 
 from tests.train.conftest import read_metrics
 from tests.train.procs import (
@@ -31,6 +30,7 @@ from tests.train.procs import (
     wait_for,
     write_config,
 )
+from tunesmith.recipes.finetune import run_finetune
 from tunesmith.train.checkpoint import PAUSE_ENV
 
 STEPS = ["train.max_steps=6", "train.eval_steps=1", "train.save_steps=2", "method.lora.dropout=0.1"]

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tunesmith.recipes.finetune import run_finetune
 
 from tests.train.conftest import read_metrics
 from tests.train.procs import rank_pid, run_train, sigkill, start_train, wait_for, write_config
+from tunesmith.recipes.finetune import run_finetune
 
 FP32 = "train.precision=fp32"  # bf16 autocast on one side and FSDP's bf16 parameter gather on the other would differ
 
