@@ -24,8 +24,12 @@ def write_config(path, config):
 
 
 def test_two_processes_follow_the_single_process_curve(make_config, tmp_path):
-    single = make_config("train.batch_size=4", "train.max_steps=4", "train.eval_steps=2", name="single")
-    double = make_config("train.batch_size=2", "train.max_steps=4", "train.eval_steps=2", name="ddp")
+    # fp32: on a CPU with native bf16 (AMX) precision=auto picks bf16, whose rounding differs between a batch of 4
+    # and two of 2 by ~4e-4 in the loss after two AdamW steps (measured) — far beyond a reduction-order tolerance.
+    single = make_config("train.batch_size=4", "train.max_steps=4", "train.eval_steps=2", "train.precision=fp32",
+                         name="single")
+    double = make_config("train.batch_size=2", "train.max_steps=4", "train.eval_steps=2", "train.precision=fp32",
+                         name="ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cli = [sys.executable, "-m", "tunesmith.cli", "train"]
     subprocess.run([*cli, str(write_config(tmp_path / "single.yaml", single))], check=True, env=env,
