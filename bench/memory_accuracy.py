@@ -19,7 +19,7 @@ runs again here and is reported apart; the reported cases use other shapes and t
 Cases (default): six methods x sequence lengths 256, 1024 x micro-batches 1, 2, + LoRA with gradient checkpointing
 at the same shapes. `--budget-check` also writes a config with `tunesmith plan --write` for a memory budget below
 the default configuration's planned peak, trains it, and checks the measured peak stays under that budget.
-`--quick` runs the tiny model only (calibration + two cases), for the test.
+`--quick` runs the tiny model only (calibration + one LoRA case, 2 x 256), for the test.
 
     nice python bench/memory_accuracy.py [--methods lora,full] [--seq-lens 256,1024] [--batch-sizes 1,2]
         [--steps 3] [--budget-check] [--json] [--quick]
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget-check", action="store_true", help="also run issue 19's budget check (LoRA)")
     parser.add_argument("--budget-seq-len", type=int, default=256)
-    parser.add_argument("--quick", action="store_true", help="tiny random model: calibration + two cases")
+    parser.add_argument("--quick", action="store_true", help="tiny random model: calibration + one case")
     parser.add_argument("--work", help="keep runs here (default: a temporary folder)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration["role"] = "calibration (the planner's CPU overhead constant was set from this case; not reported)"
 
     if args.quick:
-        model, tokenizer, seq_lens, batches, methods = tiny, tiny_tok, [256], [2], ["lora", "full"]
+        model, tokenizer, seq_lens, batches, methods = tiny, tiny_tok, [256], [2], ["lora"]
         steps, with_ckpt = 2, False
     else:
         from tunesmith.models.load import resolve_source  # noqa: F401 - the reference model must be installed
