@@ -15,6 +15,7 @@ from typing import Any
 
 from tunesmith.atomic import write_text
 from tunesmith.config import MethodConfig, RunConfig, resolved_yaml
+from tunesmith.errors import UsageError
 from tunesmith.methods.registry import all_methods, get_method
 from tunesmith.models.facts import ModelFacts, model_facts
 from tunesmith.plan.advice import decide, hyperparameters
@@ -29,7 +30,7 @@ def preference() -> list[str]:
     return [m.name for m in sorted(all_methods(), key=lambda m: m.plan_preference)]
 
 
-class PlanError(ValueError):
+class PlanError(UsageError):
     """A plan flag is malformed or contradictory; names the flag and the fix."""
 
 
