@@ -21,8 +21,9 @@ def _bench():
 
 def test_error_comes_from_the_measured_peak(tmp_path, monkeypatch):
     bench = _bench()
-    from tunesmith.models.tiny import save_tiny_model
     from transformers import AutoTokenizer
+
+    from tunesmith.models.tiny import save_tiny_model
 
     model = str(save_tiny_model(tmp_path / "tiny"))
     data = bench.make_data(AutoTokenizer.from_pretrained(model), 128, 4, tmp_path / "d.jsonl")
