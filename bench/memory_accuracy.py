@@ -230,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-lens", default="256,1024")
     parser.add_argument("--batch-sizes", default="1,2")
     parser.add_argument("--no-ckpt-cases", action="store_true", help="skip the LoRA + gradient checkpointing cases")
+    parser.add_argument("--cases", help="an explicit subset instead of the grid: method:seq:batch[:ckpt],... "
+                                        "(e.g. full:256:1,lora:256:1:ckpt)")
+    parser.add_argument("--no-calibration", action="store_true", help="skip re-running the calibration case")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget-check", action="store_true", help="also run issue 19's budget check (LoRA)")
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny_tok = AutoTokenizer.from_pretrained(tiny)
     calibration_case = {"model": tiny, "method": "lora", "seq_len": 128, "batch_size": 1, "ckpt": False,
                         "steps": args.steps, "data": make_data(tiny_tok, 128, 8, work / "tiny-128.jsonl")}
-    calibration = run_case(calibration_case, work, args.threads, log)
+    calibration = {} if args.no_calibration else run_case(calibration_case, work, args.threads, log)
     calibration["role"] = "calibration (the planner's CPU overhead constant was set from this case; not reported)"
 
     if args.quick:
@@ -278,6 +281,15 @@ def main(argv: list[str] | None = None) -> int:
                 if method == "lora" and with_ckpt:
                     cases.append({"model": model, "method": method, "seq_len": seq, "batch_size": batch, "ckpt": True,
                                   "steps": steps, "data": data})
+    if args.cases and not args.quick:
+        cases, data_by_seq = [], {}
+        for spec in args.cases.split(","):
+            method, seq, batch, *flag = spec.split(":")
+            seq = int(seq)
+            if seq not in data_by_seq:
+                data_by_seq[seq] = make_data(tokenizer, seq, 2 * steps + 2, work / f"data-{seq}.jsonl")
+            cases.append({"model": model, "method": method, "seq_len": seq, "batch_size": int(batch),
+                          "ckpt": flag == ["ckpt"], "steps": steps, "data": data_by_seq[seq]})
     rows = []
     for case in cases:  # each row is also appended to work/results.jsonl as it lands (long grids on loaded machines)
         rows.append(run_case(case, work, args.threads, log))
