@@ -200,7 +200,6 @@ def finish(instruments: StepInstruments, tokens_per_step: list[int], dims: dict[
 def child_tunesmith(args) -> dict:
     import tunesmith.train.loop as loop
     from tunesmith.config import load_config
-
     from tunesmith.recipes.finetune import run_finetune
 
     instruments = StepInstruments(args.steps)

@@ -88,3 +88,25 @@ def test_train_throughput_tiny_end_to_end():
     expected = rotation["tunesmith"]["useful_tokens_per_second"] / rotation["baseline"]["useful_tokens_per_second"]
     assert record["ratio"] == pytest.approx(expected)
     assert lines[-1].startswith(f"ratio={expected:.2f}")
+
+
+# ---------------------------------------------------------------- serve_bench
+@pytest.mark.slow
+def test_serve_bench_quick_end_to_end():
+    record, lines = run_bench(ROOT / "bench" / "serve_bench.py", "--tiny", "--quick", "--slora", "--json")
+    assert {"records", "ratios", "slora", "targets_met"} <= set(record)
+    modes = {(r["mode"], r["adapters"]) for r in record["records"]}
+    assert {("hf-base", 4), ("tunesmith", 4), ("base", 4), ("peft-mixed", 4), ("naive", 4)} <= modes
+    tps = {(r["mode"], r["adapters"]): r["tokens_per_s"] for r in record["records"]}
+    top = record["ratios"]["4"]
+    assert top["vs_hf_base"] == pytest.approx(tps[("tunesmith", 4)] / tps[("hf-base", 4)], rel=1e-9)
+    assert top["vs_base"] == pytest.approx(tps[("tunesmith", 4)] / tps[("base", 4)], rel=1e-9)
+    slora = record["slora"]
+    assert slora["registered"] == 16 and slora["cache_slots"] == 4 and slora["max_hot"] == 4
+    # 16 requests drawn over 16 adapters with 4 slots: the timed run must load (and so evict) adapters
+    assert slora["loads"][0] > 0 and slora["evictions"][0] > 0
+    cold = next(r for r in record["records"] if r["mode"] == "tunesmith-cold")
+    hf = next(r for r in record["records"] if r["mode"] == "hf-base" and r["adapters"] == 16)
+    assert slora["cold_vs_hf_base"] == pytest.approx(cold["tokens_per_s"] / hf["tokens_per_s"], rel=1e-9)
+    assert {"ttft_p50_s", "ttft_p99_s"} <= set(cold)
+    assert lines[-1].startswith(f"ratio={top['vs_hf_base']:.3f}")

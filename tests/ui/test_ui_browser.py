@@ -1,7 +1,7 @@
 """The dashboard in a real browser: headless Debian chromium driven by Selenium through the system chromedriver
 (given explicitly, so nothing downloads a browser). Skips, with the reason, only where either is missing.
 
-One browser session walks every view (about 10 s): the runs table lists the runs with markup shown as text, two
+One browser session walks every view (about 10 s): the runs table lists the runs with markup shown as text and follows a live run, two
 selected runs draw two train-loss curves whose points are the API's, the examples view shows the differing item,
 and a promote is refused without the admin key and moves the alias with it (checked through the CLI).
 """
@@ -103,6 +103,9 @@ def test_dashboard_in_a_real_browser(browser, served, tmp_path, capsys):
     assert hostile[1].text == HOSTILE_NAME and HOSTILE_VALUE in [c.text for c in hostile]
     assert browser.execute_script("return window.__pwned === undefined")
     assert "running" in rows["dir:live"].text
+    with (served["live"] / "metrics.jsonl").open("a") as handle:  # the live run logs a step: the table follows
+        handle.write(json.dumps({"step": 5, "train_loss": 0.4321, "lr": 1e-4, "epoch": 0.8, "tokens": 640}) + "\n")
+    wait.until(lambda d: "0.43210" in d.find_element(By.CSS_SELECTOR, '#runs-table tr[data-id="dir:live"]').text)
     browser.find_element(By.ID, "filter").send_keys("beta")
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#runs-table tbody tr")) == 1)
     browser.find_element(By.ID, "filter").clear()

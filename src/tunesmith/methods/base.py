@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
+from tunesmith.errors import UsageError
 from tunesmith.models.facts import ModelFacts
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 METHOD_FILE = "tunesmith_method.json"
 
 
-class MethodError(ValueError):
+class MethodError(UsageError):
     """A method cannot do what was asked (merge a prefix, checkpoint a prefix-tuned model, ...); says why."""
 
 

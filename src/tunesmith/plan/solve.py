@@ -67,6 +67,8 @@ class Solution:
     turned: list[str] = field(default_factory=list)  # the knobs turned, in words
     step_time_notes: list[str] = field(default_factory=list)  # slowdowns the estimate does not include
     truncated: dict[str, float] | None = None  # with --data: share of examples and tokens cut at max_seq_len
+    shortened_from: int | None = None  # the asked sequence length when the solver had to shorten it
+    host_bytes_for_offload: int | None = None  # with CPU offload: host memory for parameters, grads and optimizer
     launch: str = ""
     why_not: str | None = None
 
@@ -139,7 +141,10 @@ def _candidates(method_supports_ckpt: bool, budget: Budget, start: Start):
     micro = _halvings(first_mb, 1)
     seqs = _halvings(start.seq_len, MIN_SEQ_LEN) if start.seq_len > MIN_SEQ_LEN else [start.seq_len]
     optimizers = [start.optimizer] + (["paged_adamw_8bit"] if budget.device != "cpu" and start.optimizer == "adamw" else [])
-    ckpts = [True] if start.gradient_checkpointing else ([False, True] if method_supports_ckpt else [False])
+    if not method_supports_ckpt:
+        ckpts = [False]
+    else:
+        ckpts = [True] if start.gradient_checkpointing else [False, True]
     out = []
     for (_s_i, (strategy, offload)), (q_i, seq), (o_i, opt), (m_i, mb), (c_i, ckpt) in itertools.product(
             enumerate(_strategies(budget)), enumerate(seqs), enumerate(optimizers), enumerate(micro), enumerate(ckpts)):
@@ -224,7 +229,8 @@ def _solution(owner, fits, knobs, est, peak, by_strategy, budget, start, truncat
     notes = []
     if knobs.cpu_offload:
         notes.append("CPU offload: the optimizer step runs on the host and weights stream over PCIe (much slower; "
-                     "not estimated); the host needs the parameters, gradients and optimizer state in RAM")
+                     "not estimated); the host needs the parameters, gradients and optimizer state in RAM "
+                     "(host_bytes_for_offload, not checked against the host)")
     if knobs.strategy != "single":
         notes.append("multi-GPU communication (gradient all-reduce, FSDP all-gathers) is not included")
     if est.quant_constant_bits_per_param is not None:
@@ -237,7 +243,9 @@ def _solution(owner, fits, knobs, est, peak, by_strategy, budget, start, truncat
         relative_step_time=round(CHECKPOINTING_STEP_TIME if knobs.gradient_checkpointing else 1.0, 3),
         turned=_turned(knobs, start), step_time_notes=notes,
         truncated=truncation(knobs.max_seq_len) if truncation and knobs.max_seq_len < start.seq_len else None,
-        launch=launch_line(knobs),
+        shortened_from=start.seq_len if knobs.max_seq_len < start.seq_len else None, launch=launch_line(knobs),
+        host_bytes_for_offload=(est.weights + est.trainable + est.gradients + est.master_weights + est.optimizer)
+        if knobs.cpu_offload else None,
     )
 
 

@@ -132,6 +132,7 @@ function drawChart(target, name, seriesList, yLabel, logY) {
   node.dataset.labels = JSON.stringify(drawn.map((s) => s.label));
   if (!drawn.length) { node.append(el("p", { class: "muted" }, "no points to draw")); return; }
   const positive = drawn.every((s) => s.y.every((v) => v > 0));
+  if (logY && !positive) say("log y needs positive values: drawn on a linear axis");
   const opts = {
     width: Math.min(1000, Math.max(600, node.parentElement.clientWidth - 40)), height: 300,
     scales: { x: { time: false }, y: logY && positive ? { distr: 3 } : {} },
@@ -311,7 +312,13 @@ async function show(view) {
   } catch (err) { say(err.message); }
 }
 
-function route() { show((location.hash || "#runs").slice(1).split("?")[0] || "runs"); }
+function route() {
+  // #view or #compare?id=A&id=B (a comparison is a link that can be kept or shared)
+  const [view, query] = (location.hash || "#runs").slice(1).split("?");
+  const ids = new URLSearchParams(query || "").getAll("id");
+  if (view === "compare" && ids.length) state.compareIds = ids;
+  show(view || "runs");
+}
 
 async function poll() {
   // Live runs: metrics.jsonl grows while they train; re-read the table, and the curves of a live comparison.
@@ -327,8 +334,7 @@ document.addEventListener("DOMContentLoaded", () => {
   keyInput.addEventListener("input", () => sessionStorage.setItem("tunesmith-admin-key", keyInput.value));
   document.getElementById("filter").addEventListener("input", (e) => { state.filter = e.target.value; renderRuns(); });
   document.getElementById("compare-selected").addEventListener("click", () => {
-    state.compareIds = [...state.selected];
-    location.hash = "#compare";
+    location.hash = "#compare?" + qs([...state.selected].map((id) => ["id", id]));
   });
   document.getElementById("examples-selected").addEventListener("click", () => {
     const [a, b] = [...state.selected];
