@@ -54,6 +54,9 @@ function qs(params) {
 }
 
 function fillSelect(select, options, keep, defaultIndex) {
+  const signature = JSON.stringify(options);
+  if (select.dataset.options === signature) return;  // unchanged: leave the DOM (and an open dropdown) alone
+  select.dataset.options = signature;
   const current = keep ? select.value : null;
   select.replaceChildren(...options.map(([value, label]) => el("option", { value }, label)));
   if (current && options.some(([v]) => v === current)) select.value = current;
@@ -102,6 +105,9 @@ function renderRuns() {
 
 async function loadRuns() {
   const data = await api("/api/runs");
+  const signature = JSON.stringify(data);
+  if (signature === state.runsSignature) return data;  // a poll that found nothing new redraws nothing
+  state.runsSignature = signature;
   state.runs = data.runs;
   state.columns = data.metric_columns;
   renderRuns();
