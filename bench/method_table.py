@@ -63,7 +63,7 @@ def run_one(args) -> dict:
     import torch
 
     from tunesmith.config import load_config
-    from tunesmith.train.run import run_training
+    from tunesmith.recipes.finetune import run_finetune
 
     torch.manual_seed(0)  # same initialisation for every run of a method
     name = args.one
@@ -80,7 +80,7 @@ def run_one(args) -> dict:
         "eval.metric_options={closed_fields: [clause_type]}", f"method.name={name}",
         f"output.dir={args.out}", f"output.name={name}", "output.register_run=false", *METHOD_OPTIONS[name],
     ])
-    summary = run_training(config, log=lambda *a, **k: None)
+    summary = run_finetune(config, log=lambda *a, **k: None).to_dict()
     run_dir = Path(summary["run_dir"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     step_seconds, previous_tokens = [], 0

@@ -1,13 +1,39 @@
-"""Training throughput: `tunesmith train` vs a plain transformers.Trainer + peft baseline, in one run.
+"""Training throughput: `tunesmith train` vs transformers Trainer + peft and TRL SFTTrainer, in one run.
 
-Both train LoRA (same rank, targets, learning rate) on the same model and data for the same number of optimizer
-steps with the same micro-batch size, each in a fresh subprocess (so peak RSS is its own). Measured: useful
-(non-padding) tokens per second and peak memory. tunesmith packs several examples per sequence; the baseline
-pads each batch to its longest example, as a plain Trainer + DataCollatorForSeq2Seq script does.
+All three train LoRA (same rank, alpha, dropout, all-linear targets, learning rate, fp32, micro-batch size,
+sequence length) on the same model and data, each in a fresh subprocess (own peak RSS), with the same number of
+torch threads (`--threads`, set in every child with torch.set_num_threads and printed):
+  baseline  transformers `Trainer` + peft, batches padded to their longest example (`DataCollatorForSeq2Seq`),
+            what a plain Trainer script does;
+  trl       TRL `SFTTrainer` with its best CPU setting: packing (best-fit decreasing) + padding-free batches,
+            `bf16=False` (CPUs without native bf16); the same pre-tokenized rows, prompt tokens masked;
+  tunesmith `tunesmith train` (packed sequences with a block-diagonal mask; logits only at labelled positions).
 
-    python bench/train_throughput.py            # reference model (SmolLM2-135M-Instruct), demo data
-    python bench/train_throughput.py --tiny     # tiny random model, seconds
-Last line: ratio=<useful tokens/s of tunesmith / baseline>; --json prints a JSON record before it.
+What is counted: useful (non-padding) tokens of the batches actually trained. The Trainer sides count them in
+`training_step` (the trainer's inputs), not in the collator: accelerate's loader prepares one batch ahead, so a
+collator count includes a batch that is never trained. tunesmith logs each step's real tokens (metrics.jsonl).
+Timing window, the same on every side: from the end of optimizer step 1 to the end of optimizer step N
+(`--steps`), i.e. steps 2..N, each including its batch fetch/collation, forward, backward, clipping and
+optimizer update; excluded on every side: model loading, data preparation, step 1 (warm-up: first-call
+allocations and kernel selection) and everything after step N. Step ends are taken at the same point on every
+side: right after the optimizer's step (a global optimizer step post-hook).
+
+After step N each side runs two more steps, outside the window: step N+1 under torch's FlopCounterMode (matmul
+and attention FLOPs of forward and backward, as executed: attention at full T x T per sequence, its flash
+backward as 5 matmuls, torch's formula) and
+step N+2 under torch.profiler, whose self times are grouped into attention, MLP, LoRA, head (projection +
+loss), optimizer, collation and other. Achieved FLOP/s = step N+1's FLOPs per useful token x the window's
+useful tokens/s, against a matmul peak (fp32 1024^3 torch.mm, best of 10) measured in the same child, on the same
+threads, right after training.
+
+`--repeats R` runs the three sides in R rotations (order rotated each time); each ratio is taken within one
+rotation (adjacent runs) and the median over rotations is reported, as bench/serve_bench.py does.
+
+    python bench/train_throughput.py --tiny                  # tiny random model, about a minute
+    python bench/train_throughput.py --repeats 3             # reference model, demo data (make reference)
+    python bench/train_throughput.py --data my.jsonl         # any chat/instruction JSONL a user brings
+The TRL side needs `trl` (`pip install -e '.[bench]'`, or `.venv/bin/pip install trl`); `--sides` picks sides.
+Last line: ratio=<tunesmith / Trainer+peft useful tokens/s>; --json prints a JSON record before it.
 """
 
 from __future__ import annotations
@@ -16,6 +42,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,140 +50,407 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SIDES = ("baseline", "trl", "tunesmith")
+LABELS = {"baseline": "Trainer+peft (padded)", "trl": "TRL SFTTrainer (packing, padding-free)",
+          "tunesmith": "tunesmith (packed)"}
+CATEGORIES = ("attention", "mlp", "lora", "head", "optimizer", "collation", "other")
 
 
+# ----------------------------------------------------------------------------------------------- instruments
+class StepInstruments:
+    """Step-end timestamps, plus a FLOP count of step N+1 and a profile of step N+2 (outside the timed window).
+
+    A step ends at the same point on every side: right after the optimizer's step (torch's global optimizer
+    step post-hook, which fires for the Trainer's accelerate-wrapped optimizer and tunesmith's alike)."""
+
+    def __init__(self, timed_steps: int, on_step_end=None):
+        self.timed_steps = timed_steps
+        self.on_step_end = on_step_end
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(lambda *_: self.step_end())
+        self.ends: list[float] = []
+        self.flop_counter = None
+        self.profiler = None
+        self.flops = 0
+
+    def step_end(self) -> None:
+        self.ends.append(time.perf_counter())
+        if self.on_step_end is not None:
+            self.on_step_end()
+        done = len(self.ends)
+        if done == self.timed_steps:
+            self.flop_counter = flop_counter()
+            self.flop_counter.__enter__()
+        elif done == self.timed_steps + 1 and self.flop_counter is not None:
+            self.flop_counter.__exit__(None, None, None)
+            self.flops = int(self.flop_counter.get_total_flops())
+            import torch
+
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+            self.profiler.__enter__()
+        elif done == self.timed_steps + 2 and self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+
+    def window_seconds(self) -> float:
+        return self.ends[self.timed_steps - 1] - self.ends[0]
+
+
+def flop_counter():
+    """torch's FlopCounterMode, taught the CPU flash-attention kernels it does not count (torch 2.x CPU SDPA)."""
+    import torch
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+
+    def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = forward
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = backward
+    return fc.FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def matmul_peak_flops(size: int = 1024, repeats: int = 10) -> float:
+    """Best fp32 torch.mm FLOP/s of size^3 on this process's threads (a machine's practical matmul peak)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+def categorize_profile(profiler, dims: dict[str, int]) -> dict[str, float]:
+    """Seconds of the profiled step by category, from each op's self CPU time.
+
+    Ranges take precedence (anything under "Optimizer.*" or clip_grad_norm is optimizer; under "collation" is
+    collation); otherwise a matmul is classified by its last two dimensions: the vocabulary -> head, the MLP's
+    intermediate size -> mlp, the LoRA rank -> lora, anything else (q/k/v/o projections) -> attention; SDPA kernels
+    -> attention; log-softmax / cross-entropy / nll -> head; everything else (norms, rotary, elementwise, dropout,
+    copies, autograd bookkeeping) -> other."""
+    seconds = dict.fromkeys(CATEGORIES, 0.0)
+    for event in profiler.events():
+        own = event.self_cpu_time_total / 1e6
+        if own <= 0:
+            continue
+        seconds[_category(event, dims)] += own
+    return seconds
+
+
+def _category(event, dims: dict[str, int]) -> str:
+    node = event
+    while node is not None:
+        name = node.name
+        if name.startswith("Optimizer.") or "clip_grad" in name or "_foreach" in name:
+            return "optimizer"
+        if name == "collation":
+            return "collation"
+        node = node.cpu_parent
+    name = event.name.lower()
+    if "scaled_dot_product" in name or "attention" in name:
+        return "attention"
+    if "log_softmax" in name or "cross_entropy" in name or "nll_loss" in name:
+        return "head"
+    if any(k in name for k in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")):
+        last_dims = {d for shape in (event.input_shapes or []) if isinstance(shape, list) for d in shape[-2:]}
+        if dims["vocab"] in last_dims:
+            return "head"
+        if dims["intermediate"] in last_dims:
+            return "mlp"
+        if dims["rank"] in last_dims:
+            return "lora"
+        return "attention"
+    return "other"
+
+
+def model_dims(config, rank: int) -> dict[str, int]:
+    return {"vocab": config.vocab_size, "intermediate": config.intermediate_size, "rank": rank}
+
+
+def finish(instruments: StepInstruments, tokens_per_step: list[int], dims: dict[str, int]) -> dict:
+    """The child's measured record; steps are 1-based, tokens_per_step[i] = useful tokens of step i+1."""
+    n = instruments.timed_steps
+    window_tokens = sum(tokens_per_step[1:n])
+    seconds = instruments.window_seconds()
+    flops_per_token = instruments.flops / tokens_per_step[n] if tokens_per_step[n] else 0.0
+    tokens_per_second = window_tokens / seconds
+    profile_seconds = instruments.ends[n + 1] - instruments.ends[n]
+    categories = categorize_profile(instruments.profiler, dims) if instruments.profiler is not None else {}
+    peak = matmul_peak_flops()
+    achieved = flops_per_token * tokens_per_second
+    return {"useful_tokens": window_tokens, "seconds": seconds, "useful_tokens_per_second": tokens_per_second,
+            "timed_steps": f"2..{n}", "step_seconds": [round(b - a, 4) for a, b in zip(instruments.ends, instruments.ends[1:n], strict=False)],
+            "tokens_per_step": tokens_per_step[: n + 2], "flops_step": instruments.flops,
+            "flops_per_token": flops_per_token, "achieved_flops": achieved, "matmul_peak_flops": peak,
+            "utilisation": achieved / peak, "profile_step_seconds": profile_seconds,
+            "profile_seconds": {k: round(v, 4) for k, v in categories.items()}}
+
+
+# ----------------------------------------------------------------------------------------------- the sides
 def child_tunesmith(args) -> dict:
+    import tunesmith.train.loop as loop
     from tunesmith.config import load_config
-    from tunesmith.train.run import run_training
+    from tunesmith.recipes.finetune import run_finetune
 
+    instruments = StepInstruments(args.steps)
+    collate = loop.collate
+
+    def named_collate(*a, **k):
+        import torch
+
+        with torch.profiler.record_function("collation"):
+            return collate(*a, **k)
+
+    loop.collate = named_collate
     config = load_config(None, [
         f"model.name_or_path={args.model}", f"data.train=[{args.data}]", "data.validation_fraction=0",
         f"data.max_seq_len={args.seq_len}", "data.packing=true", f"train.batch_size={args.batch}",
-        f"train.max_steps={args.steps}", "train.learning_rate=2e-4", "train.show_progress=false",
-        f"method.lora.r={args.rank}", f"output.dir={args.out}", "output.name=tunesmith", "output.register_run=false",
-        "train.save_steps=100000",
+        f"train.max_steps={args.steps + 2}", "train.learning_rate=2e-4", "train.show_progress=false",
+        "train.precision=fp32", "train.logging_steps=1", f"method.lora.r={args.rank}",
+        f"method.lora.alpha={2 * args.rank}", "method.lora.dropout=0.05", "method.lora.target_modules=all-linear",
+        f"output.dir={args.out}", "output.name=tunesmith", "output.register_run=false", "train.save_steps=100000",
     ])
-    summary = run_training(config, log=lambda *a, **k: None)
+    run_finetune(config, log=lambda *a, **k: None)
     records = [json.loads(x) for x in (Path(args.out) / "tunesmith/metrics.jsonl").read_text().splitlines()]
-    # Time of the optimizer steps alone (as the baseline's trainer.train(): no model loading, data rendering,
-    # checkpoint or report time): each record logs the tokens so far and that step's tokens per second.
-    seconds, previous = 0.0, 0
-    for record in records:
-        seconds += (record["tokens"] - previous) / record["tokens_per_second"]
-        previous = record["tokens"]
-    return {"useful_tokens": summary["tokens_seen"], "steps": summary["steps"], "seconds": seconds}
+    cumulative = [r["tokens"] for r in records if "tokens" in r]
+    tokens_per_step = [b - a for a, b in zip([0, *cumulative], cumulative, strict=False)]
+    from transformers import AutoConfig
+
+    from tunesmith.config import ModelConfig
+    from tunesmith.models.load import resolve_source
+
+    dims = model_dims(AutoConfig.from_pretrained(resolve_source(ModelConfig(name_or_path=args.model))), args.rank)
+    return finish(instruments, tokens_per_step, dims)
+
+
+def _rows(args, tokenizer) -> list[dict]:
+    from tunesmith.data.formats import read_conversations
+    from tunesmith.data.render import render_dataset
+
+    examples, _ = render_dataset(tokenizer, read_conversations(args.data), args.seq_len)
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+
+
+def _trainer_class(base, counted: list[int]):
+    """`base` (Trainer or SFTTrainer) that counts the useful tokens of the inputs it actually trains on."""
+
+    class Counting(base):
+        def training_step(self, model, inputs, *rest, **kw):
+            if "attention_mask" in inputs:
+                counted[-1] += int(inputs["attention_mask"].sum())
+            else:  # padding-free: one flattened row, no padding
+                counted[-1] += int(inputs["input_ids"].numel())
+            return super().training_step(model, inputs, *rest, **kw)
+
+    return Counting
+
+
+def _name_collation(trainer) -> None:
+    import torch
+
+    collator = trainer.data_collator
+
+    def named(features):
+        with torch.profiler.record_function("collation"):
+            return collator(features)
+
+    trainer.data_collator = named
+
+
+def _lora(args):
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+
+
+def _common_args(args) -> dict:
+    import torch
+
+    return {"output_dir": str(Path(args.out) / "side"), "per_device_train_batch_size": args.batch,
+            "max_steps": args.steps + 2, "learning_rate": 2e-4, "bf16": False, "fp16": False,
+            "use_cpu": not torch.cuda.is_available(), "report_to": [], "save_strategy": "no", "logging_steps": 1,
+            "dataloader_num_workers": 0, "seed": 0, "disable_tqdm": True, "max_grad_norm": 1.0}
 
 
 def child_baseline(args) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from tunesmith.config import ModelConfig
-    from tunesmith.data.formats import read_conversations
-    from tunesmith.data.render import render_dataset
-    from tunesmith.models.load import resolve_source
-
-    source = resolve_source(ModelConfig(name_or_path=args.model))
+    source = _source(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    examples, _ = render_dataset(tokenizer, read_conversations(args.data), args.seq_len)
-    rows = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels} for e in examples]
-
-    class Rows(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(rows)
-
-        def __getitem__(self, i):
-            return rows[i]
-
-    useful = {"tokens": 0}
-
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-
-    def counting_collator(features):
-        batch = collator(features)
-        useful["tokens"] += int(batch["attention_mask"].sum())
-        return batch
-
+    rows = [{**r, "attention_mask": [1] * len(r["input_ids"])} for r in _rows(args, tokenizer)]
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
-    training_args = TrainingArguments(
-        output_dir=str(Path(args.out) / "baseline"), per_device_train_batch_size=args.batch, max_steps=args.steps,
-        learning_rate=2e-4, bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(), report_to=[],
-        save_strategy="no", logging_steps=1, dataloader_num_workers=0, remove_unused_columns=False, seed=0,
-        disable_tqdm=True,
-    )
-    trainer = Trainer(model=model, args=training_args, train_dataset=Rows(), data_collator=counting_collator)
-    t0 = time.perf_counter()
+    model = get_peft_model(model, _lora(args))
+    counted = [0]
+    instruments = StepInstruments(args.steps, on_step_end=lambda: counted.append(0))
+    trainer = _trainer_class(Trainer, counted)(
+        model=model, args=TrainingArguments(**_common_args(args), remove_unused_columns=False), train_dataset=rows,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    _name_collation(trainer)
     trainer.train()
-    return {"useful_tokens": useful["tokens"], "steps": args.steps, "seconds": time.perf_counter() - t0}
+    return finish(instruments, counted, model_dims(model.config, args.rank))
+
+
+def child_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    source = _source(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    dataset = Dataset.from_list(_rows(args, tokenizer))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    config = SFTConfig(**_common_args(args), max_length=args.seq_len, packing=True, packing_strategy="bfd",
+                       padding_free=True, dataset_num_proc=None)
+    counted = [0]
+    instruments = StepInstruments(args.steps, on_step_end=lambda: counted.append(0))
+    trainer = _trainer_class(SFTTrainer, counted)(model=model, args=config, train_dataset=dataset,
+                                                  processing_class=tokenizer, peft_config=_lora(args))
+    _name_collation(trainer)
+    trainer.train()
+    return finish(instruments, counted, model_dims(model.config, args.rank))
+
+
+def _source(model: str) -> str:
+    from tunesmith.config import ModelConfig
+    from tunesmith.models.load import resolve_source
+
+    return str(resolve_source(ModelConfig(name_or_path=model)))
+
+
+CHILDREN = {"baseline": child_baseline, "trl": child_trl, "tunesmith": child_tunesmith}
 
 
 def run_child(kind: str, args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, __file__, "--child", kind, "--model", args.model, "--data", args.data, "--steps",
                str(args.steps), "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
-               "--out", out]
-        result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+               "--threads", str(args.threads), "--out", out]
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads),
+               "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if result.returncode != 0:
             raise RuntimeError(f"{kind} failed:\n{result.stderr[-3000:]}")
         return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main() -> int:
+# ----------------------------------------------------------------------------------------------- parent
+def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny random model (quick)")
+    parser.add_argument("--tiny", "--quick", action="store_true", help="tiny random model (quick)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--data", default=None, help="JSONL training data (default: generated demo data)")
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="last timed optimizer step N (steps 2..N timed)")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=None, help="default 256 (1024 with --tiny: byte tokens)")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads, every side")
+    parser.add_argument("--repeats", type=int, default=1, help="rotations of all sides; ratios are medians over them")
+    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ",".join(SIDES))
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--child", choices=["tunesmith", "baseline"])
+    parser.add_argument("--child", choices=SIDES)
     parser.add_argument("--out")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def child_main(args) -> int:
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    result = CHILDREN[args.child](args)
+    result["threads"] = torch.get_num_threads()
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(result))
+    return 0
+
+
+def rotation_ratios(rotations: list[dict[str, dict]]) -> dict[str, dict]:
+    """tunesmith / each other side, per rotation (adjacent runs) and their median."""
+    out = {}
+    for other in (s for s in rotations[0] if s != "tunesmith"):
+        per = [r["tunesmith"]["useful_tokens_per_second"] / r[other]["useful_tokens_per_second"] for r in rotations]
+        out[other] = {"median": statistics.median(per), "per_rotation": [round(x, 4) for x in per]}
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
     if args.child:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        result = (child_tunesmith if args.child == "tunesmith" else child_baseline)(args)
-        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(json.dumps(result))
-        return 0
-
+        return child_main(args)
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    if "tunesmith" not in sides or not set(sides) <= set(SIDES) or len(sides) < 2:
+        raise SystemExit(f"--sides: tunesmith and at least one of baseline, trl (got {args.sides!r})")
     workdir = Path(tempfile.mkdtemp(prefix="bench-train-"))
     if args.tiny:
         from tunesmith.models.tiny import save_tiny_model
 
         args.model = args.model or str(save_tiny_model(workdir / "tiny"))
-        args.steps = args.steps or 8
+        args.steps = args.steps or 4
+        args.seq_len = args.seq_len or 1024
     else:
         args.model = args.model or "HuggingFaceTB/SmolLM2-135M-Instruct"
         args.steps = args.steps or 8
+    args.seq_len = args.seq_len or 256
+    if args.steps < 2:
+        raise SystemExit("--steps: at least 2 (step 1 is warm-up and not timed)")
     if args.data is None:
         sys.path.insert(0, str(ROOT / "examples" / "contracts"))
         from generate import generate
 
         generate(workdir / "data", seed=0)
         args.data = str(workdir / "data" / "train.jsonl")
-    results = {kind: run_child(kind, args) for kind in ("baseline", "tunesmith")}
-    for r in results.values():
-        r["useful_tokens_per_second"] = r["useful_tokens"] / r["seconds"]
-    ratio = results["tunesmith"]["useful_tokens_per_second"] / results["baseline"]["useful_tokens_per_second"]
-    memory_ratio = results["tunesmith"]["peak_rss_bytes"] / results["baseline"]["peak_rss_bytes"]
-    print(f"model={args.model} steps={args.steps} batch={args.batch} seq_len={args.seq_len} rank={args.rank}")
-    for kind, r in results.items():
-        print(f"{kind:10s} useful tokens {r['useful_tokens']:7d} in {r['seconds']:7.1f}s = "
-              f"{r['useful_tokens_per_second']:8.1f} tok/s, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")
-    record = {"results": results, "ratio": ratio, "memory_ratio": memory_ratio, "model": args.model,
-              "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len}
+    elif not Path(args.data).is_file():
+        raise SystemExit(f"--data: {args.data} is not a file (give a JSONL of conversations or instructions)")
+    print(f"model={args.model} data={args.data} steps=1+{args.steps - 1} timed (+2 for FLOPs/profile) "
+          f"batch={args.batch} seq_len={args.seq_len} rank={args.rank} threads={args.threads} repeats={args.repeats}"
+          f" load={os.getloadavg()[0]:.2f}", flush=True)
+    rotations = []
+    for r in range(args.repeats):
+        order = sides[r % len(sides):] + sides[: r % len(sides)]
+        rotation = {}
+        for kind in order:
+            rotation[kind] = run_child(kind, args)
+            x = rotation[kind]
+            print(f"rotation {r + 1} {kind:9s} {x['useful_tokens']:7d} useful tokens in {x['seconds']:7.2f}s = "
+                  f"{x['useful_tokens_per_second']:8.1f} tok/s; {x['achieved_flops'] / 1e9:6.1f} GFLOP/s = "
+                  f"{100 * x['utilisation']:4.1f}% of the matmul peak {x['matmul_peak_flops'] / 1e9:.1f}; "
+                  f"threads {x['threads']}; peak RSS {x['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+        rotations.append({k: rotation[k] for k in sides})
+    ratios = rotation_ratios(rotations)
+    last = rotations[-1]["tunesmith"]
+    total = last["profile_step_seconds"]
+    print(f"tunesmith profile of one step ({total:.2f}s wall): " + ", ".join(
+        f"{k} {v:.2f}s ({100 * v / total:.0f}%)" for k, v in last["profile_seconds"].items()))
+    for other, r in ratios.items():
+        print(f"tunesmith / {LABELS[other]}: {r['median']:.2f} (median of {len(r['per_rotation'])}; per rotation "
+              + ", ".join(f"{x:.2f}" for x in r["per_rotation"]) + ")")
+    headline = ratios.get("baseline") or next(iter(ratios.values()))
     if args.json:
-        print(json.dumps(record))
-    print(f"ratio={ratio:.2f} (useful tokens/s, tunesmith / Trainer+peft); memory_ratio={memory_ratio:.2f}")
+        print(json.dumps({"bench": "train_throughput", "model": args.model, "data": args.data, "steps": args.steps,
+                          "batch": args.batch, "seq_len": args.seq_len, "rank": args.rank, "threads": args.threads,
+                          "repeats": args.repeats, "timing_window": "end of step 1 to end of step N",
+                          "rotations": rotations, "ratios": ratios, "ratio": headline["median"]}))
+    others = ", ".join(f"vs {k} {v['median']:.2f}" for k, v in ratios.items())
+    print(f"ratio={headline['median']:.2f} (useful tokens/s, tunesmith / {'Trainer+peft' if 'baseline' in ratios else 'TRL'}; "
+          f"{others})")
     return 0
 
 

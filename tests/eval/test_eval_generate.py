@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from tunesmith.data.formats import Conversation
-from tunesmith.eval.generate import generate_batch, generate_token_ids, render_prompts, stop_token_ids
+from tunesmith.eval.generate import generate_batch, generate_token_ids, render_prompts
 from tunesmith.eval.plots import plot_loss_curves
 from tunesmith.eval.task import evaluate_task, split_conversation
 from tunesmith.models.tiny import build_tiny_model
+from tunesmith.models.tokens import stop_token_ids
 
 
 def _spread_model(seed: int = 1):

@@ -71,7 +71,7 @@ def test_overfitted_run_is_diagnosed_and_forgets_more(data_dir, tmp_path, one_th
     from tunesmith.eval.diagnose import diagnose_file
     from tunesmith.eval.forgetting import measure_forgetting
     from tunesmith.methods.registry import load_trained
-    from tunesmith.train.run import run_training
+    from tunesmith.recipes.finetune import run_finetune
 
     quiet = lambda *a, **k: None  # noqa: E731
     runs = {
@@ -83,7 +83,7 @@ def test_overfitted_run_is_diagnosed_and_forgets_more(data_dir, tmp_path, one_th
     numbers = {}
     for name, options in runs.items():
         torch.manual_seed(0)
-        summary = run_training(_config(name, data_dir, tmp_path / "runs", options), log=quiet)
+        summary = run_finetune(_config(name, data_dir, tmp_path / "runs", options), log=quiet)
         run_dir = tmp_path / "runs" / name
         diagnosis = diagnose_file(run_dir)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -91,16 +91,16 @@ def test_overfitted_run_is_diagnosed_and_forgets_more(data_dir, tmp_path, one_th
         model, tokenizer, _ = load_trained(run_dir, log=quiet)
         forgetting = measure_forgetting(model, tokenizer, max_prompts=32, max_probes=40, log=quiet)
         numbers[name] = {
-            "steps": summary["steps"], "diagnosis": diagnosis["diagnosis"], "best_step": diagnosis["best_step"],
+            "steps": summary.steps, "diagnosis": diagnosis["diagnosis"], "best_step": diagnosis["best_step"],
             "best_eval_loss": diagnosis["best_eval_loss"], "gap": diagnosis["gap"],
             "final_eval_loss": [r["eval_loss"] for r in records if "eval_loss" in r][-1],
-            "final_train_loss": summary["final_train_loss"],
+            "final_train_loss": summary.final_train_loss,
             "callback_kl_last": logged[-1]["kl_drift"] if logged else None,
             "callback_retention_last": logged[-1].get("probe_retention") if logged else None,
             "kl_drift": forgetting["kl_drift"], "probe_base": forgetting["probe_accuracy"]["base"],
             "probe_tuned": forgetting["probe_accuracy"]["tuned"], "probe_retention": forgetting["probe_retention"],
             "perplexity_base": forgetting["perplexity"]["base"], "perplexity_tuned": forgetting["perplexity"]["tuned"],
-            "wall_seconds": summary["wall_seconds"],
+            "wall_seconds": summary.wall_seconds,
             "curve": [{k: r[k] for k in ("step", "train_loss", "eval_loss") if k in r} for r in records],
         }
         assert logged and len(logged) == len([r for r in records if "eval_loss" in r])

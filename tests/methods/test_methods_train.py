@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import tunesmith.train.run as run_module
+import tunesmith.recipes.finetune as run_module
 from tunesmith.config import load_config
 from tunesmith.methods.registry import load_trained
-from tunesmith.train.run import run_training
+from tunesmith.recipes.finetune import run_finetune
 
 OPTIONS = {
     "full": ["train.learning_rate=1e-3"],
@@ -66,16 +66,16 @@ def test_method_trains_evaluates_and_resumes_through_the_trainer(name, tiny_mode
     # The trainer does not seed before method.apply (reported to the lead), and the first bitsandbytes use
     # consumes random numbers, so the two runs would start from different LoRA A matrices; seed both the same.
     torch.manual_seed(0)
-    summary = run_training(straight, log=quiet)
-    assert summary["method"] == name and summary["steps"] == 4
-    assert summary["eval"]  # the task evaluation (generation on test.jsonl) ran on the trained model
+    summary = run_finetune(straight, log=quiet)
+    assert summary.method == name and summary.steps == 4
+    assert summary.eval  # the task evaluation (generation on test.jsonl) ran on the trained model
     resumed = config_for(name, "resumed", tiny_model_dir, data_dir, tmp_path)
     monkeypatch.setattr(run_module, "_callbacks", lambda config: [Crash(4)])
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
-        run_training(resumed, log=quiet)
+        run_finetune(resumed, log=quiet)
     monkeypatch.setattr(run_module, "_callbacks", lambda config: [])
-    run_training(resumed, resume=True, log=quiet)
+    run_finetune(resumed, resume=True, log=quiet)
     root = tmp_path / "runs"
     a, b = metrics(root / "straight"), metrics(root / "resumed")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
@@ -95,4 +95,4 @@ def test_packing_is_refused_for_prompt_learning(tiny_model_dir, data_dir, tmp_pa
     config = config_for("prefix", "packed", tiny_model_dir, data_dir, tmp_path)
     config.data.packing = True
     with pytest.raises(ValueError, match="packing"):
-        run_training(config, log=lambda *a, **k: None)
+        run_finetune(config, log=lambda *a, **k: None)

@@ -10,16 +10,13 @@ import pytest
 import torch
 
 from tunesmith.config import MethodConfig
+from tunesmith.methods.adapters import adapter_trainable_params
+from tunesmith.methods.full import full_trainable_params
+from tunesmith.methods.lora import lora_targets, lora_trainable_params
+from tunesmith.methods.prefix import prefix_trainable_params
+from tunesmith.methods.prompt import prompt_trainable_params
 from tunesmith.models.facts import facts_from_config, model_facts
-from tunesmith.plan.counts import (
-    adapter_trainable_params,
-    full_trainable_params,
-    lora_targets,
-    lora_trainable_params,
-    prefix_trainable_params,
-    prompt_trainable_params,
-    trainable_params,
-)
+from tunesmith.plan.counts import trainable_params
 
 KNOWN_TOTALS = {
     "meta-llama/Llama-3.1-8B": 8_030_261_248,

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from tunesmith.config import MethodConfig
+from tunesmith.methods.qlora import constant_bits_per_param as nf4_constant_bits_per_param
 from tunesmith.models.facts import facts_from_config, model_facts
 from tunesmith.plan.activations import activation_estimate
-from tunesmith.plan.memory import GiB, TrainSetup, estimate_memory, gpus_needed, nf4_constant_bits_per_param
+from tunesmith.plan.memory import GiB, TrainSetup, estimate_memory, gpus_needed
 
 LLAMA70 = "meta-llama/Llama-3.1-70B"
 

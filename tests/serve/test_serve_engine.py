@@ -72,8 +72,8 @@ def test_mixed_batch_equals_peft_alone_with_joins_and_leaves(world):
         thread.join(60)
         results = first + late_results
         for (name, i, n), result in zip(keys, results, strict=True):
-            assert result["token_ids"] == world["expected"][(name, i)][:n], (name, i, n)
-        assert early[0]["token_ids"] == world["expected"][("a2", 3)]
+            assert result.token_ids == world["expected"][(name, i)][:n], (name, i, n)
+        assert early[0].token_ids == world["expected"][("a2", 3)]
         assert max(batch_sizes) >= 8  # mixed adapters really shared forward passes
     finally:
         engine.close()
@@ -84,9 +84,9 @@ def test_base_rows_equal_base_model_and_counts(world):
     try:
         results = engine.generate([GenRequest(prompt_ids=p, max_tokens=NEW_TOKENS) for p in world["prompts"]])
         for i, result in enumerate(results):
-            assert result["token_ids"] == world["expected"][("base", i)]
-            assert result["prompt_tokens"] == len(world["prompts"][i])
-            assert result["completion_tokens"] == len(result["token_ids"])
+            assert result.token_ids == world["expected"][("base", i)]
+            assert result.prompt_tokens == len(world["prompts"][i])
+            assert result.completion_tokens == len(result.token_ids)
         assert engine.cache.stats()["loads"] == 0  # base rows load nothing
     finally:
         engine.close()
@@ -97,15 +97,15 @@ def test_stop_sequences_seed_and_sampling(world):
     tok = world["tokenizer"]
     try:
         greedy = engine.generate([GenRequest(prompt_ids=world["prompts"][1], adapter="a0", max_tokens=NEW_TOKENS)])[0]
-        text = greedy["text"]
+        text = greedy.text
         stop = text[3:5]
         cut = engine.generate([GenRequest(prompt_ids=world["prompts"][1], adapter="a0", max_tokens=NEW_TOKENS,
                                           stop=[stop])])[0]
-        assert cut["finish_reason"] == "stop" and cut["text"] == text[: text.find(stop)]
-        assert greedy["finish_reason"] in ("length", "stop")
+        assert cut.finish_reason == "stop" and cut.text == text[: text.find(stop)]
+        assert greedy.finish_reason in ("length", "stop")
         sampled = [GenRequest(prompt_ids=world["prompts"][0], adapter="a1", max_tokens=12, temperature=1.0,
                               top_p=0.9, seed=s) for s in (1, 1, 2, 3, 4)]
-        outs = [r["token_ids"] for r in engine.generate(sampled)]
+        outs = [r.token_ids for r in engine.generate(sampled)]
         assert outs[0] == outs[1]  # same seed, same tokens, even inside one batch
         assert len({tuple(o) for o in outs[1:]}) >= 2
         assert tok.decode(outs[0]) is not None
@@ -120,7 +120,7 @@ def test_cache_evicts_lru_and_reloads_correctly(world):
         order = ["a2", "a0", "a1", "a1", "a2"]
         for name in order:
             result = engine.generate([GenRequest(prompt_ids=world["prompts"][0], adapter=name, max_tokens=NEW_TOKENS)])
-            assert result[0]["token_ids"] == world["expected"][(name, 0)]
+            assert result[0].token_ids == world["expected"][(name, 0)]
         stats = engine.cache.stats()
         assert stats["hot"] == 1 and stats["loads"] == 4 and stats["evictions"] == 3
         assert stats["hits"] == 1 and stats["misses"] == 4
@@ -128,7 +128,7 @@ def test_cache_evicts_lru_and_reloads_correctly(world):
         burst = engine.generate([GenRequest(prompt_ids=world["prompts"][2], adapter=n, max_tokens=4)
                                  for n in ("a0", "a1", "a2", "a0")])
         for name, result in zip(("a0", "a1", "a2", "a0"), burst, strict=True):
-            assert result["token_ids"] == world["expected"][(name, 2)][:4]
+            assert result.token_ids == world["expected"][(name, 2)][:4]
     finally:
         engine.close()
 

@@ -45,13 +45,13 @@ def test_registry_alias_is_resolved_and_a_promotion_is_picked_up(tmp_path, tiny_
         assert expected[("v1", 0)] != expected[("v2", 0)]
         engine = state.engine
         out = engine.generate([GenRequest(prompt_ids=prompt, adapter="contracts", max_tokens=6)])[0]
-        assert out["token_ids"] == expected[("v1", 0)]
+        assert out.token_ids == expected[("v1", 0)]
         watched = {"contracts": "registry:production"}
         assert refresh_registry_adapters(state, watched, url) == []  # nothing moved
         registry.promote(f"contracts@{v2['version']}", "production", url=url)
         assert refresh_registry_adapters(state, watched, url) == ["contracts"]
         out = engine.generate([GenRequest(prompt_ids=prompt, adapter="contracts", max_tokens=6)])[0]
-        assert out["token_ids"] == expected[("v2", 0)]  # the hot v1 copy was dropped, v2 loaded without restart
+        assert out.token_ids == expected[("v2", 0)]  # the hot v1 copy was dropped, v2 loaded without restart
     finally:
         state.engine.close()
         torch.set_num_threads(before)

@@ -52,7 +52,7 @@ def test_sharded_training_is_refused_clearly(make_config, tmp_path, monkeypatch,
     import accelerate
 
     from tunesmith.config import ConfigError
-    from tunesmith.train.run import run_training
+    from tunesmith.recipes.finetune import run_finetune
 
     class Sharded:
         def __init__(self, *args, **kwargs):
@@ -60,4 +60,4 @@ def test_sharded_training_is_refused_clearly(make_config, tmp_path, monkeypatch,
 
     monkeypatch.setattr(accelerate, "Accelerator", Sharded)
     with pytest.raises(ConfigError, match=f"{kind}.*not support"):
-        run_training(make_config(), log=lambda *a, **k: None)
+        run_finetune(make_config(), log=lambda *a, **k: None)

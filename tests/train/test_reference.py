@@ -35,9 +35,9 @@ def test_short_lora_run_on_the_reference_model(tmp_path):
     config = load_config(None, [f"data.train=[{data}]", "data.validation_fraction=0.25", "data.max_seq_len=128",
                                 "train.max_steps=3", "train.batch_size=2", "train.show_progress=false",
                                 f"output.dir={tmp_path}", "output.name=ref", "output.register_run=false"])
-    from tunesmith.train.run import run_training
+    from tunesmith.recipes.finetune import run_finetune
 
-    summary = run_training(config, log=lambda *a: None)
-    assert summary["steps"] == 3 and summary["best_eval_loss"] is not None
-    assert summary["precision"] in ("fp32", "bf16")
+    summary = run_finetune(config, log=lambda *a: None)
+    assert summary.steps == 3 and summary.best_eval_loss is not None
+    assert summary.precision in ("fp32", "bf16")
     assert (tmp_path / "ref/adapter/adapter_model.safetensors").exists()

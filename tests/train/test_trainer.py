@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.train.conftest import read_metrics
-from tunesmith.train.run import run_training
+from tunesmith.recipes.finetune import run_finetune
 
 
 def log(*_args, **_kwargs):
@@ -17,7 +17,7 @@ def log(*_args, **_kwargs):
 
 def test_training_lowers_loss_and_writes_the_run_directory(make_config):
     config = make_config("train.max_steps=12", "train.eval_steps=6", "train.warmup_ratio=0", "method.lora.r=16")
-    summary = run_training(config, log=log)
+    summary = run_finetune(config, log=log)
     run_dir = config.output.dir and (__import__("pathlib").Path(config.output.dir) / "run")
     records = read_metrics(run_dir)
     losses = [r["train_loss"] for r in records if "train_loss" in r]
@@ -27,7 +27,7 @@ def test_training_lowers_loss_and_writes_the_run_directory(make_config):
     for name in ("config.yaml", "data_manifest.json", "metrics.jsonl", "summary.json", "loss_curves.png",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert (run_dir / name).exists(), name
-    assert summary["steps"] == 12 and summary["best_step"] == 12
+    assert summary.steps == 12 and summary.best_step == 12
     manifest = json.loads((run_dir / "data_manifest.json").read_text())
     assert manifest["train_records"] == 20 and manifest["validation_records"] == 4
     assert manifest["hash"].startswith("sha256:") and manifest["files"][0]["sha256"].startswith("sha256:")
@@ -40,7 +40,7 @@ def test_training_lowers_loss_and_writes_the_run_directory(make_config):
 
 def test_warmup_then_cosine_schedule(make_config):
     config = make_config("train.max_steps=10", "train.warmup_ratio=0.2", "train.learning_rate=1e-3")
-    run_training(config, log=log)
+    run_finetune(config, log=log)
     lrs = [r["lr"] for r in read_metrics(__import__("pathlib").Path(config.output.dir) / "run")]
     # linear warm-up over 2 steps (0, 0.5), then cosine from the peak: lr_t = peak * 0.5 * (1 + cos(pi * (t-2)/8))
     expected = [1e-3 * t / 2 for t in range(2)] + [1e-3 * 0.5 * (1 + math.cos(math.pi * (t - 2) / 8)) for t in range(2, 10)]
@@ -103,20 +103,20 @@ def test_resume_continues_exactly(make_config, monkeypatch):
     """Interrupted at step 4 (last checkpoint: step 3) and resumed == uninterrupted: same losses and weights."""
     from pathlib import Path
 
-    import tunesmith.train.run as run_module
+    import tunesmith.recipes.finetune as run_module
 
     straight = make_config("train.max_steps=6", "train.eval_steps=1", "train.save_steps=3",
                            "method.lora.dropout=0.1", name="straight")
-    run_training(straight, log=log)
+    run_finetune(straight, log=log)
     resumed = make_config("train.max_steps=6", "train.eval_steps=1", "train.save_steps=3",
                           "method.lora.dropout=0.1", name="resumed")
     monkeypatch.setattr(run_module, "_callbacks", lambda config: [Crash(4)])
     with pytest.raises(KeyboardInterrupt):
-        run_training(resumed, log=log)
+        run_finetune(resumed, log=log)
     root = Path(straight.output.dir)
     assert [r["step"] for r in read_metrics(root / "resumed")] == [1, 2, 3]
     monkeypatch.setattr(run_module, "_callbacks", lambda config: [])
-    run_training(resumed, resume=True, log=log)
+    run_finetune(resumed, resume=True, log=log)
     a, b = read_metrics(root / "straight"), read_metrics(root / "resumed")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     assert [r["train_loss"] for r in a] == pytest.approx([r["train_loss"] for r in b], abs=1e-6)
@@ -131,13 +131,13 @@ def test_early_stopping_and_best_checkpoint(make_config):
 
     config = make_config("train.max_steps=40", "train.eval_steps=1", "train.learning_rate=0.5",
                          "train.warmup_ratio=0", "train.early_stopping_patience=2", "train.lr_scheduler=constant")
-    summary = run_training(config, log=log)
+    summary = run_finetune(config, log=log)
     records = read_metrics(Path(config.output.dir) / "run")
     evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
-    assert summary["steps"] < 40 and "early stopping" in summary["stop_reason"]
-    assert summary["best_step"] == min(evals, key=evals.get)
-    assert summary["best_eval_loss"] == pytest.approx(min(evals.values()), abs=1e-6)
-    best_dir = Path(config.output.dir) / "run/checkpoints" / f"step-{summary['best_step']}"
+    assert summary.steps < 40 and "early stopping" in summary.stop_reason
+    assert summary.best_step == min(evals, key=evals.get)
+    assert summary.best_eval_loss == pytest.approx(min(evals.values()), abs=1e-6)
+    best_dir = Path(config.output.dir) / "run/checkpoints" / f"step-{summary.best_step}"
     saved = load_file(str(best_dir / "trainable.safetensors"))
     final = load_file(str(Path(config.output.dir) / "run/adapter/adapter_model.safetensors"))
     # the exported adapter is the best checkpoint's weights (peft drops the adapter name from keys)
@@ -151,9 +151,9 @@ def test_existing_run_directory_is_not_overwritten(make_config):
     from tunesmith.config import ConfigError
 
     config = make_config("train.max_steps=1")
-    run_training(config, log=log)
+    run_finetune(config, log=log)
     with pytest.raises(ConfigError, match="already exists"):
-        run_training(config, log=log)
+        run_finetune(config, log=log)
 
 
 def test_malformed_record_names_file_line_and_field(make_config, tmp_path):
@@ -162,7 +162,7 @@ def test_malformed_record_names_file_line_and_field(make_config, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 3}\n')
     with pytest.raises(RecordError) as err:
-        run_training(make_config(f"data.train=[{bad}]"), log=log)
+        run_finetune(make_config(f"data.train=[{bad}]"), log=log)
     assert str(bad) in str(err.value) and ":2" in str(err.value) and "output" in str(err.value)
 
 
@@ -201,7 +201,7 @@ def test_data_prepare_runs_before_training(make_config, tmp_path):
     raw.write_text("\n".join(rows) + "\n")
     config = make_config(f"data.train=[{raw}]", "data.validation=[]", "data.prepare=true",
                          "data.validation_fraction=0.25", "train.max_steps=1")
-    run_training(config, log=log)
+    run_finetune(config, log=log)
     manifest = json.loads((Path(config.output.dir) / "run/data_manifest.json").read_text())
     prepared = manifest["prepare"]
     assert prepared["input"] == 19 and prepared["quarantined"] == 1 and prepared["duplicates_exact"] == 2

@@ -9,17 +9,27 @@ How the assistant spans are found, for any template: the text of assistant turn 
 `render(m[:i], add_generation_prompt=True)` to the end of `render(m[:i+1])`; both must be prefixes of the full
 rendering (checked). TRL's `assistant_only_loss` needs `{% generation %}` tags that most templates lack, so this
 prefix method is written by hand. Each text segment is tokenized on its own and the pieces concatenated.
+
+Tool calling: an assistant turn that calls tools is an assistant turn like any other (its calls and end-of-turn
+are labelled); tool results never are. The tool definitions go to `apply_chat_template(..., tools=...)` when the
+template reads `tools` and `tool_calls`; otherwise the conversation is rewritten in Hermes text form
+(`toolcalls.hermes_fallback`) and a notice with the count is logged once per `render_dataset` call. A turn with
+weight 0 is not labelled.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from tunesmith.data import toolcalls
 from tunesmith.data.formats import Conversation, RecordError
 
 IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +55,8 @@ class RenderStats:
     dropped_sources: list[str] = field(default_factory=list)
     total_tokens: int = 0
     target_tokens: int = 0
+    tool_fallback: int = 0  # conversations with tools rendered in Hermes text form (the template has no tool support)
+    notices: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "dropped_sources"} | {
@@ -52,22 +64,56 @@ class RenderStats:
         }
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
+def template_supports_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the chat template reads the `tools` variable and renders `tool_calls` (parsed with jinja2's own
+    analysis of undeclared variables, not a substring guess for `tools`)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return False
+    import jinja2
+    from jinja2 import meta
+
+    try:
+        variables = meta.find_undeclared_variables(jinja2.Environment().parse(template))
+    except jinja2.TemplateSyntaxError:
+        return False
+    return "tools" in variables and "tool_calls" in template
+
+
+def uses_tools(conversation: Conversation) -> bool:
+    return bool(conversation.tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in conversation.messages)
+
+
+def template_input(tokenizer: PreTrainedTokenizerBase, conversation: Conversation,
+                   ) -> tuple[list[dict[str, Any]], list[dict] | None, bool]:
+    """(messages, tools, fell back): what goes to apply_chat_template for this conversation."""
+    if not uses_tools(conversation):
+        return conversation.messages, None, False
+    if template_supports_tools(tokenizer):
+        return conversation.messages, conversation.tools, False
+    return toolcalls.hermes_fallback(conversation.messages, conversation.tools), None, True
+
+
+def render_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool,
+            tools: list[dict] | None = None) -> str:
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    extra = {"tools": tools} if tools else {}
+    return tokenizer.apply_chat_template(toolcalls.template_messages(messages), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **extra)
 
 
 def assistant_spans(tokenizer: PreTrainedTokenizerBase, conversation: Conversation) -> tuple[str, list[tuple[int, int]]]:
-    """Full rendered text and the character spans [start, end) of each assistant turn (content + end-of-turn)."""
-    messages = conversation.messages
-    full = _render(tokenizer, messages, add_generation_prompt=False)
+    """Full rendered text and the character spans [start, end) of each trained assistant turn (content, tool calls
+    and end-of-turn; a turn with weight 0 is skipped)."""
+    messages, tools, _ = template_input(tokenizer, conversation)
+    full = render_text(tokenizer, messages, add_generation_prompt=False, tools=tools)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or message.get("weight") == 0:
             continue
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        prompt = render_text(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+        upto = render_text(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
         if not (full.startswith(prompt) and full.startswith(upto) and upto.startswith(prompt)):
             raise RecordError(conversation.source, conversation.line, f"messages[{i}]",
                               "the chat template does not render this conversation incrementally; "
@@ -104,8 +150,11 @@ def render_dataset(
     """
     stats = stats or RenderStats()
     examples = []
+    fallback_before = stats.tool_fallback
     for conversation in conversations:
         stats.examples_in += 1
+        if uses_tools(conversation) and not template_supports_tools(tokenizer):
+            stats.tool_fallback += 1
         example = render_example(tokenizer, conversation)
         overflow = len(example.input_ids) - max_seq_len
         where = f"{conversation.source}:{conversation.line}"
@@ -131,4 +180,12 @@ def render_dataset(
         stats.total_tokens += len(example.input_ids)
         stats.target_tokens += example.target_tokens
         examples.append(example)
+    if stats.tool_fallback > fallback_before:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        notice = (f"{stats.tool_fallback - fallback_before} conversation(s) use tools, but the chat template of "
+                  f"{name} has no tool support (no `tools`/`tool_calls`); tunesmith rendered them in Hermes text form: "
+                  "tool definitions in the system turn inside <tools></tools>, calls as <tool_call>{json}</tool_call> "
+                  "in the assistant turn (trained), results as <tool_response> user turns (not trained)")
+        stats.notices.append(notice)
+        log.warning(notice)
     return examples, stats

@@ -10,8 +10,14 @@ Classes (checked in this order; the first that holds wins):
                   max(1%, a tenth of the training drop); or, since the first evaluation, the training loss falls by
                   > 30% while the eval loss (first value vs median of the last three) improves by < max(2%, a tenth).
 3. lr_too_low   — both curves flat from the start: train improves < 5% (head vs tail medians) and eval < 3%.
-4. late_spike   — a training-loss spike after warm-up that recovered (a bad batch); its step is named.
-5. healthy      — otherwise. Spikes during warm-up are listed in `spikes` but do not change this.
+4. not falling  — before a run may be called healthy (or late_spike), its training loss must actually have fallen:
+                  the tail median below the head median by more than FLAT_TRAIN (5%) and by more than three
+                  standard errors of those medians. A run that never falls below its start is lr_too_high when it
+                  oscillates widely around it (robust residual > NOISY_TRAIN of its level: steps too large to settle)
+                  and lr_too_low otherwise (flat: steps too small to move it), whatever the eval curve did.
+5. late_spike   — a training-loss spike after warm-up that recovered (a bad batch); its step is named.
+6. healthy      — otherwise: the training loss fell. Spikes during warm-up are listed in `spikes` but do not
+                  change this.
 "insufficient_data" is returned when fewer than 5 training-loss points exist (nothing can be judged).
 
 All thresholds are relative to the loss level and to a robust noise estimate (median absolute deviation of
@@ -150,8 +156,17 @@ def _eval_features(steps: list[float], values: list[float], train_steps: list[fl
     }
 
 
+def train_loss_fell(train_progress: float, train_noise: float, window: int) -> bool:
+    """The head-to-tail drop exceeds FLAT_TRAIN and three standard errors of the two medians' difference.
+
+    A median of `window` Gaussian points has a standard error of ~1.2533 sigma / sqrt(window); the difference of
+    two such medians sqrt(2) times that."""
+    standard_error = math.sqrt(2) * 1.2533 * train_noise / math.sqrt(max(1, window))
+    return train_progress >= max(FLAT_TRAIN, 3 * standard_error)
+
+
 def _classify(train_progress: float, train_noise: float, diverged: bool, ev: dict[str, Any] | None,
-              late_spikes: list[dict[str, Any]]) -> str:
+              late_spikes: list[dict[str, Any]], fell: bool = True) -> str:
     oscillating_eval = ev is not None and ev["zigzag"] > EVAL_ZIGZAG and ev["sign_change_share"] >= 0.5
     if diverged or (oscillating_eval and (train_noise > NOISY_TRAIN or train_progress < 0.1)) or (
         ev is None and train_noise > NOISY_TRAIN and train_progress < train_noise
@@ -170,6 +185,8 @@ def _classify(train_progress: float, train_noise: float, diverged: bool, ev: dic
             return "overfitting"
     if train_progress < FLAT_TRAIN and (ev is None or ev["progress"] < FLAT_EVAL):
         return "lr_too_low"
+    if not fell:  # "healthy" means the training loss fell; a noisy eval improvement does not make up for it
+        return "lr_too_high" if train_noise > NOISY_TRAIN else "lr_too_low"
     if late_spikes:
         return "late_spike"
     return "healthy"
@@ -199,16 +216,21 @@ def diagnose(records: list[dict[str, Any]]) -> dict[str, Any]:
     spikes = find_spikes(train_steps, train_loss, _warmup_end(records, train_steps[-1]))
     late = [s for s in spikes if s["kind"] == "late" and s["recovered"]]
     ev = _eval_features(eval_steps, eval_loss, train_steps, smooth) if len(eval_loss) >= 3 else None
-    label = _classify(progress, noise, diverged, ev, late)
+    fell = train_loss_fell(progress, noise, max(2, len(train_loss) // 10))
+    label = _classify(progress, noise, diverged, ev, late, fell)
     if ev is not None:
         result["gap"] = round(median(eval_loss[-2:]) - smooth[-1], 6)
     late_steps = ", ".join(str(s["step"]) for s in late)
     advice = [a.format(best_step=best_step, late_steps=late_steps) for a in ADVICE[label]]
+    if not fell and label in ("lr_too_low", "lr_too_high"):
+        advice.insert(0, f"the training loss never fell below its start (median of the first steps {head:.4f}, of the "
+                         f"last {tail:.4f}, noise {100 * noise:.0f}% of its level): the run learned nothing yet")
     if late and label != "late_spike":
         advice += [a.format(best_step=best_step, late_steps=late_steps) for a in ADVICE["late_spike"][:1]]
     if ev is None:
         advice.append("no (or fewer than 3) eval-loss points: overfitting cannot be judged; set train.eval_steps")
-    measures = {"train_progress": progress, "train_noise": noise, "diverged": diverged, "non_finite_steps": non_finite}
+    measures = {"train_progress": progress, "train_noise": noise, "train_loss_fell": fell, "diverged": diverged,
+                "non_finite_steps": non_finite}
     if ev is not None:
         measures.update({f"eval_{k}": v for k, v in ev.items() if k != "level"})
     result.update(diagnosis=label, spikes=spikes, advice=advice,

@@ -26,8 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tunesmith.errors import UsageError
 from tunesmith.eval.generate import eval_mode, generate_batch, render_prompts
 from tunesmith.eval.metrics import squad_tokens
+from tunesmith.models.tokens import pad_token_id
 
 SHORT_ANSWER_SUFFIX = "\nAnswer with just the answer."
 MC_SUFFIX = ""
@@ -78,7 +80,7 @@ def base_view(model, base_model=None) -> Iterator[Any]:
         yield base_model
         return
     if not hasattr(model, "disable_adapter"):
-        raise ValueError(
+        raise UsageError(
             "the base model is needed for forgetting measures: pass base_model= (a separate copy) for a model "
             "that is not a peft model"
         )
@@ -95,10 +97,6 @@ def _padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.T
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
     return ids, mask
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _log_probs(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -129,7 +127,7 @@ def kl_drift(tuned, tokenizer, prompts: list[str], base_model=None, batch_size: 
     total, positions = 0.0, 0
     with eval_mode(tuned):
         for index in _sorted_batches(sequences, batch_size):
-            ids, mask = _padded([sequences[i] for i in index], _pad_id(tokenizer))
+            ids, mask = _padded([sequences[i] for i in index], pad_token_id(tokenizer))
             tuned_lp = _log_probs(tuned, ids, mask)
             with base_view(tuned, base_model) as base, eval_mode(base):
                 base_lp = _log_probs(base, ids, mask)
@@ -149,7 +147,7 @@ def reference_distributions(model, tokenizer, prompts: list[str], top_k: int = 2
     cached: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [None] * len(sequences)  # type: ignore[list-item]
     with eval_mode(model):
         for index in _sorted_batches(sequences, batch_size):
-            ids, mask = _padded([sequences[i] for i in index], _pad_id(tokenizer))
+            ids, mask = _padded([sequences[i] for i in index], pad_token_id(tokenizer))
             log_probs = _log_probs(model, ids, mask)
             k = min(top_k, log_probs.shape[-1])
             top_lp, top_ids = log_probs.topk(k, dim=-1)  # (batch, seq, k)
@@ -176,7 +174,7 @@ def kl_from_reference(model, tokenizer, reference: dict[str, Any], batch_size: i
     total, positions = 0.0, 0
     with eval_mode(model):
         for index in _sorted_batches(sequences, batch_size):
-            ids, mask = _padded([sequences[i] for i in index], _pad_id(tokenizer))
+            ids, mask = _padded([sequences[i] for i in index], pad_token_id(tokenizer))
             log_probs = _log_probs(model, ids, mask)
             for row, i in enumerate(index):
                 top_ids, top_lp, rest = (t.to(log_probs.device) for t in reference["cached"][i])
@@ -220,7 +218,7 @@ def choice_scores(model, tokenizer, probes: list[dict[str, Any]], batch_size: in
     scores = [[0.0] * len(p["choices"]) for p in probes]
     with eval_mode(model):
         for index in _sorted_batches([p[2] for p in pairs], batch_size):
-            ids, mask = _padded([pairs[k][2] for k in index], _pad_id(tokenizer))
+            ids, mask = _padded([pairs[k][2] for k in index], pad_token_id(tokenizer))
             log_probs = _log_probs(model, ids, mask)
             for row, k in enumerate(index):
                 i, j, full, start = pairs[k]
@@ -288,7 +286,7 @@ def perplexity(model, tokenizer, text: str, window: int = 256, max_tokens: int |
     nll, count = 0.0, 0
     with eval_mode(model):
         for chunk in _batches(windows, batch_size):
-            batch, mask = _padded(chunk, _pad_id(tokenizer))
+            batch, mask = _padded(chunk, pad_token_id(tokenizer))
             log_probs = _log_probs(model, batch, mask)[:, :-1]
             targets = batch[:, 1:].to(log_probs.device)
             valid = mask[:, 1:].to(log_probs.device).bool()

@@ -14,25 +14,8 @@ from contextlib import contextmanager
 import torch
 from transformers import GenerationConfig
 
-# End-of-turn markers of common chat templates; whichever the tokenizer knows stops generation.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """Token ids that end an assistant turn: the tokenizer's eos, the model's configured eos, end-of-turn markers."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(int(i) for i in configured)
-    vocab = tokenizer.get_vocab()
-    for token in END_OF_TURN_TOKENS:
-        if token in vocab and token in tokenizer.all_special_tokens:
-            ids.add(int(vocab[token]))
-    return sorted(ids)
+from tunesmith.errors import UsageError
+from tunesmith.models.tokens import pad_token_id, stop_token_ids
 
 
 def render_prompts(tokenizer, prompts: list[list[dict[str, str]]]) -> list[list[int]]:
@@ -65,7 +48,7 @@ def _device(model) -> torch.device:
 
 
 def _generation_config(model, tokenizer, max_new_tokens: int, greedy: bool, stops: list[int]) -> GenerationConfig:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    pad = pad_token_id(tokenizer, stops)
     if greedy:
         # A fresh config: a model's sampling defaults (temperature, top_p) must not leak into greedy decoding.
         return GenerationConfig(
@@ -85,17 +68,19 @@ def _cut_at_stop(ids: list[int], stops: set[int]) -> list[int]:
 
 
 def generate_token_ids(
-    model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int = 128, batch_size: int = 16, greedy: bool = True
+    model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int = 128, batch_size: int = 16, greedy: bool = True,
+    progress=None,
 ) -> list[list[int]]:
     """Generate continuations of tokenized prompts; returns the new tokens of each, cut before the first stop token.
 
     Prompts are sorted by length so each batch pads little, then results are put back in input order.
+    `progress(done, total)`, if given, is called after each batch (long evaluations report as they go).
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     stops = stop_token_ids(model, tokenizer)
     if not stops:
-        raise ValueError("the tokenizer has no eos token and no known end-of-turn token; cannot tell where to stop")
+        raise UsageError("the tokenizer has no eos token and no known end-of-turn token; cannot tell where to stop")
     config = _generation_config(model, tokenizer, max_new_tokens, greedy, stops)
     pad = config.pad_token_id
     device = _device(model)
@@ -120,6 +105,8 @@ def generate_token_ids(
             new_tokens = output[:, width:].tolist()  # (batch, generated)
             for row, i in enumerate(chunk):
                 results[i] = _cut_at_stop(new_tokens[row], set(stops))
+            if progress is not None:
+                progress(min(start + batch_size, len(order)), len(order))
     return results
 
 
@@ -130,6 +117,7 @@ def generate_batch(
     max_new_tokens: int = 128,
     batch_size: int = 16,
     greedy: bool = True,
+    progress=None,
 ) -> list[str]:
     """Answer each conversation (given without its final assistant turn); returns the decoded replies in order.
 
@@ -139,6 +127,6 @@ def generate_batch(
     if not prompts:
         return []
     prompt_ids = render_prompts(tokenizer, prompts)
-    outputs = generate_token_ids(model, tokenizer, prompt_ids, max_new_tokens, batch_size, greedy)
+    outputs = generate_token_ids(model, tokenizer, prompt_ids, max_new_tokens, batch_size, greedy, progress)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
 

@@ -1,14 +1,12 @@
 """Pictures: loss curves (with the eval-loss minimum and the diagnosis) and base-vs-tuned bar charts.
 
-matplotlib runs headless (Agg); every file is written to a temporary name in the target folder, then moved into
-place with os.replace, so a reader never sees half a PNG.
+matplotlib runs headless (Agg); every file goes through `atomic.atomic_file` (a temporary name in the target
+folder, then one rename, mode 0644), so a reader never sees half a PNG.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from tunesmith.atomic import atomic_file  # noqa: E402
+from tunesmith.errors import UsageError
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -28,9 +29,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON: {exc.msg}") from exc
+                raise UsageError(f"{path}:{number}: not valid JSON: {exc.msg}") from exc
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object per line")
+                raise UsageError(f"{path}:{number}: expected a JSON object per line")
             records.append(record)
     return records
 
@@ -48,15 +49,10 @@ def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[f
 
 def save_figure_atomic(figure, out_path: str | Path, **kwargs: Any) -> Path:
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
     try:
-        figure.savefig(tmp, format=out_path.suffix.lstrip(".") or "png", **kwargs)
-        os.replace(tmp, out_path)
+        with atomic_file(out_path) as tmp:
+            figure.savefig(tmp, format=out_path.suffix.lstrip(".") or "png", **kwargs)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         plt.close(figure)
     return out_path
 

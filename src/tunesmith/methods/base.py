@@ -1,9 +1,19 @@
-"""The Method interface: what every fine-tuning method provides to the trainer, planner, CLI and server.
+"""The Method interface: what every fine-tuning method provides to the config, trainer, planner, CLI and merge.
 
-A method turns a loaded base model into a trainable model (`apply`), saves its trained state in its own format
-(`save`; PEFT's layout where peft implements the method), restores it onto a fresh base (`load`), and says
-whether and how it merges into the base weights. The trainer checkpoints the trainable parameters generically
-(by name, as safetensors), so methods need no checkpoint code of their own.
+A method owns all of itself (peft's one-folder-per-method pattern, `register_peft_method`):
+  - its options class(es), which config.py assembles into `MethodConfig` (`options`);
+  - training: turn a loaded base model into a trainable model (`apply`), save its trained state in its own format
+    (`save`; PEFT's layout where peft implements the method), restore it onto a fresh base (`load`);
+  - planning terms from model facts alone, which `plan/` sums without knowing any method by name:
+    `trainable_count` (exact trainable parameters and the formula), `layer_activation_elements` (what autograd
+    saves per token in one decoder layer), `frozen_weight_bytes`, `extra_activation_bytes`, `virtual_tokens`;
+  - merge/export behaviour (`can_merge`, `merge_refusal`, `merge_compared_to`, `export_pair`, `merge`).
+The trainer checkpoints the trainable parameters generically (by name, as safetensors), so methods need no
+checkpoint code of their own.
+
+This module and every method module import no torch/peft/transformers at import time (they do so inside the
+functions that need them): config.py builds its schema from the method registry, and `tunesmith config` or
+`tunesmith plan` should not pay the ~6 s peft import.
 
 Every saved folder carries `tunesmith_method.json` ({"method", "base_model", "options"}) so that
 `registry.load_trained` knows how to load it; PEFT, vLLM and LoRAX ignore the extra file.
@@ -12,31 +22,131 @@ Every saved folder carries `tunesmith_method.json` ({"method", "base_model", "op
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from pydantic import BaseModel, ConfigDict
 
-from tunesmith.config import MethodConfig
+from tunesmith.errors import UsageError
+from tunesmith.models.facts import ModelFacts
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from tunesmith.config import MethodConfig
 
 METHOD_FILE = "tunesmith_method.json"
 
 
-class MethodError(ValueError):
+class MethodError(UsageError):
     """A method cannot do what was asked (merge a prefix, checkpoint a prefix-tuned model, ...); says why."""
+
+
+class MethodOptions(BaseModel):
+    """Base of every method's options section: unknown keys are errors, assignments are validated (as config.Section)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+@dataclass(frozen=True)
+class OptionsSection:
+    """One section of `method:` in the run config that a method owns: `method.<key>` of type `cls`."""
+
+    key: str
+    cls: type[MethodOptions]
+    description: str
+
+
+@dataclass(frozen=True)
+class TrainableCount:
+    method: str
+    trainable_params: int
+    formula: str
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """Bytes of the frozen base weights as the method loads them, and the 4-bit details where it quantizes."""
+
+    bytes: int
+    quant_constant_bits_per_param: float | None = None
+    quantized_params: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def frozen_core_elements(f: ModelFacts) -> float:
+    """Activation elements autograd saves per token in one decoder layer whose weights are all frozen (measured,
+    see plan/activations.py): both norms' outputs for the next matmuls aside, 2h + 2q + 3i + 2k + a + 2
+    (h hidden, q heads*head_dim, i intermediate, k kv width, a heads)."""
+    h, i, q, k, a = f.hidden_size, f.intermediate_size, f.num_heads * f.head_dim, f.kv_width, f.num_heads
+    return 2 * h + 2 * q + 3 * i + 2 * k + a + 2
 
 
 class Method:
     """Base class with the defaults; one small subclass per method (keep it shallow)."""
 
     name: str = ""
+    description: str = ""  # one line, for `tunesmith plan`
+    options: tuple[OptionsSection, ...] = ()  # the sections of MethodConfig this method owns
+    # Order in which the planner prefers methods that fit (lower first): quality per FIELD.md's method table.
+    plan_preference: int = 100
+    # True when the method trains the base weights themselves (full fine-tuning): they train in their own dtype, the
+    # output layer's gradient appears while every activation lives, and AdamW's CPU step touches the largest tensor.
+    trains_base_weights: bool = False
+    uses_lora_rank: bool = False  # the planner's --rank/--targets apply (LoRA, QLoRA)
+    uses_virtual_tokens: bool = False  # the planner's --virtual-tokens applies (prefix, prompt)
     can_merge: bool = False
     merge_refusal: str = ""  # why not, when can_merge is False
+    merge_compared_to: str = "unmerged base + adapter"  # what `tunesmith merge` compares the merged logits against
+    # False when the trained folder is already a full model (nothing to merge or export): merge refuses and points
+    # at the folder itself.
+    export_pair: bool = True
     supports_gradient_checkpointing: bool = True
     # Packing feeds a 4-D block-diagonal mask and per-example positions; prompt-learning methods prepend virtual
     # tokens that such a mask cannot describe, so the trainer refuses packing when this is False.
     supports_packing: bool = True
+
+    # --- planning (model facts only: no weights, no torch)
+    def trainable_count(self, facts: ModelFacts, config: MethodConfig) -> TrainableCount:
+        raise NotImplementedError
+
+    def layer_activation_elements(self, facts: ModelFacts, config: MethodConfig) -> float:
+        """Elements autograd saves per token in one decoder layer (default: the frozen core)."""
+        return frozen_core_elements(facts)
+
+    def virtual_tokens(self, config: MethodConfig) -> int:
+        """Positions the method adds to every sequence the layers see (prompt tuning's soft prompt)."""
+        return 0
+
+    def frozen_weight_bytes(self, facts: ModelFacts, config: MethodConfig, trainable_params: int,
+                            weight_bytes: int, weight_dtype: str) -> WeightBytes:
+        """Frozen base weights: every parameter at the loaded dtype (`weight_bytes` per parameter, named
+        `weight_dtype`); the method's own trainable weights are counted apart."""
+        return WeightBytes(facts.params_total * weight_bytes)
+
+    def extra_activation_bytes(self, facts: ModelFacts, config: MethodConfig, act_bytes: int) -> int:
+        """Scratch the method adds during forward/backward beyond saved activations (e.g. a dequantized weight)."""
+        return 0
+
+    def learning_rate_range(self, full_range: tuple[float, float]) -> tuple[float, float]:
+        """Advised learning rates given full fine-tuning's range for the model size: PEFT ~10x (FIELD.md)."""
+        return (full_range[0] * 10, full_range[1] * 10)
+
+    def learning_rate_reason(self) -> str:
+        return "PEFT: ~10x the full-FT range"
+
+    def plan_options(self, *, rank: int, dropout: float, targets: list[str] | str | None,
+                     virtual_tokens: int | None) -> dict[str, Any]:
+        """The `method:` options the planner writes for this method from its flags (--rank, --targets, ...)."""
+        return {}
+
+    @property
+    def selective_logits(self) -> bool:
+        """Whether the trainer computes logits at labelled positions only (train/loop.py forward_loss): every method
+        that does not re-align the logits (prompt tuning prepends virtual positions, so it takes the full path)."""
+        return type(self).align_logits is Method.align_logits
 
     # --- loading the base
     def base_load_kwargs(self, config: MethodConfig) -> dict[str, Any]:
@@ -96,6 +206,8 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy saved trainable parameters back by name; every saved name must exist and every trainable one be saved."""
+    import torch
+
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     missing = trainable - state.keys()

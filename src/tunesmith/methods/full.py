@@ -7,17 +7,47 @@ complete transformers model folder (safetensors), so it loads anywhere without t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import nn
-from transformers import AutoModelForCausalLM
+from pydantic import Field
 
 from tunesmith.atomic import atomic_dir
-from tunesmith.config import MethodConfig
-from tunesmith.methods.base import Method, MethodError, write_method_file
+from tunesmith.methods.base import (
+    Method,
+    MethodError,
+    MethodOptions,
+    OptionsSection,
+    TrainableCount,
+    WeightBytes,
+    write_method_file,
+)
+from tunesmith.models.facts import ModelFacts
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from tunesmith.config import MethodConfig
+
+
+class FullOptions(MethodOptions):
+    freeze_embeddings: bool = Field(False, description="Keep the input embeddings (and a tied head) frozen.")
+    freeze_first_layers: int = Field(0, ge=0, description="Keep the first k transformer layers frozen.")
+
+
+def full_trainable_params(facts: ModelFacts, freeze_embeddings: bool = False, freeze_first_layers: int = 0) -> int:
+    """Full fine-tuning: every parameter, minus the input embedding (and with it a tied head; an untied lm_head
+    stays trainable) when frozen, minus the parameters of the first k decoder layers when frozen."""
+    count = facts.params_total
+    if freeze_embeddings:
+        count -= sum(m.params for m in facts.modules if m.kind == "embedding" and m.layer is None)
+    count -= sum(facts.layer_params[: min(freeze_first_layers, facts.num_layers)])
+    return count
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The transformer blocks of a decoder-only model (Llama, Qwen2, Mistral, ...: model.model.layers)."""
+    from torch import nn
+
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -43,16 +73,43 @@ def frozen_parameter_names(model: nn.Module, config: MethodConfig) -> set[str]:
     return frozen
 
 
-def full_trainable_count(total_params: int, frozen_params: int) -> int:
-    """total - frozen (tied embeddings counted once)."""
-    return total_params - frozen_params
-
-
 class FullMethod(Method):
     name = "full"
+    description = "every weight trains (most memory; the most capacity to change behaviour)"
+    options = (OptionsSection("full", FullOptions, "Full fine-tuning options."),)
+    plan_preference = 2
+    trains_base_weights = True
     can_merge = False
+    export_pair = False
     merge_refusal = "full fine-tuning: the run already holds a full model (adapter/ is a transformers folder); nothing to merge"
 
+    # --- planning
+    def trainable_count(self, facts: ModelFacts, config: MethodConfig) -> TrainableCount:
+        f = config.full
+        n = full_trainable_params(facts, f.freeze_embeddings, f.freeze_first_layers)
+        return TrainableCount(
+            self.name, n, "all parameters" + (" minus embeddings" if f.freeze_embeddings else "")
+            + (f" minus first {f.freeze_first_layers} layers" if f.freeze_first_layers else "")
+        )
+
+    def layer_activation_elements(self, facts: ModelFacts, config: MethodConfig) -> float:
+        """Trained base weights: 6h + 2q + 4i + 2k + a + 2 (norm input and x*rsqrt and output for both norms,
+        rotated q, SDPA output, gate/silu/up/product, k and v, the SDPA log-sum-exp)."""
+        h, i, q, k, a = facts.hidden_size, facts.intermediate_size, facts.num_heads * facts.head_dim, facts.kv_width, facts.num_heads
+        return 6 * h + 2 * q + 4 * i + 2 * k + a + 2
+
+    def frozen_weight_bytes(self, facts: ModelFacts, config: MethodConfig, trainable_params: int,
+                            weight_bytes: int, weight_dtype: str) -> WeightBytes:
+        """Only what stays frozen (embeddings, first layers) counts here; the rest is the trainable weights."""
+        return WeightBytes((facts.params_total - trainable_params) * weight_bytes)
+
+    def learning_rate_range(self, full_range: tuple[float, float]) -> tuple[float, float]:
+        return full_range
+
+    def learning_rate_reason(self) -> str:
+        return "full fine-tuning: ~10x lower than PEFT"
+
+    # --- training
     def apply(self, model: nn.Module, config: MethodConfig) -> nn.Module:
         frozen = frozen_parameter_names(model, config)
         for name, parameter in model.named_parameters():
@@ -66,6 +123,8 @@ class FullMethod(Method):
 
     def load(self, base: nn.Module, directory: Path) -> nn.Module:
         """The saved folder is the whole model; `base` only lends its dtype (and is dropped)."""
+        from transformers import AutoModelForCausalLM
+
         directory = Path(directory)
         if not any(directory.glob("*.safetensors")):
             raise MethodError(f"{directory}: no *.safetensors model weights (pickled weights are refused)")

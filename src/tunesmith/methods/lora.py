@@ -3,22 +3,138 @@
 B starts at zero, so the first forward equals the base model. rsLoRA scales by alpha / sqrt(r) (Kalajdzievski,
 2023); DoRA decomposes W into magnitude and direction (Liu et al., 2024). The saved folder is PEFT's own layout
 (adapter_config.json + adapter_model.safetensors), loadable by peft, vLLM and LoRAX.
+
+Planning terms (from model facts, no weights): `lora_targets` follows peft's own matching rules,
+`lora_trainable_params` sums r * (in + out) over them, and `lora_layer_elements` adds what LoRA makes autograd
+keep per token in a decoder layer (see plan/activations.py for how the coefficients were measured).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from torch import nn
+from pydantic import Field
 
 from tunesmith.atomic import atomic_dir
-from tunesmith.config import MethodConfig
-from tunesmith.methods.base import Method, MethodError, write_method_file
+from tunesmith.methods.base import (
+    Method,
+    MethodError,
+    MethodOptions,
+    OptionsSection,
+    TrainableCount,
+    frozen_core_elements,
+    write_method_file,
+)
+from tunesmith.models.facts import ModelFacts, ModuleSpec
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from torch import nn
+
+    from tunesmith.config import MethodConfig
+
+ALL_LINEAR = "all-linear"
 
 
+class LoraOptions(MethodOptions):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names, a regex string, or 'all-linear'."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    init: Literal["gaussian", "kaiming"] = Field("kaiming", description="Initialisation of A (B starts at zero).")
+    modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained in full and saved.")
+
+
+# ------------------------------------------------------------------------------------------- counting
+def lora_targets(facts: ModelFacts, target_modules: list[str] | str) -> list[ModuleSpec]:
+    """The modules peft 0.21 wraps for `target_modules` (peft's own matching rules):
+
+    - 'all-linear': every nn.Linear except the output layer (lm_head), whether or not it is tied;
+    - another string: a regex that must match the full module name (re.fullmatch);
+    - a list: a name matches when it equals an entry or ends with '.' + entry (so 'q_proj' hits every layer).
+    Linear and Embedding modules can be targeted; a tied lm_head is targetable only by name.
+    """
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        return [m for m in facts.modules if m.kind == "linear" and m.short != "lm_head"]
+    if isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        return [m for m in facts.modules if pattern.fullmatch(m.name)]
+    wanted = list(target_modules)
+    return [m for m in facts.modules if m.name in wanted or any(m.name.endswith("." + t) for t in wanted)]
+
+
+def _modules_to_save(facts: ModelFacts, names: list[str]) -> list[ModuleSpec]:
+    """peft's ModulesToSaveWrapper rule: a module matches when its name has `name` as a dotted component."""
+    return [m for m in facts.modules if any(re.match(rf"(^|.*\.){n}($|\..*)", m.name) for n in names)]
+
+
+def lora_trainable_params(
+    facts: ModelFacts,
+    r: int,
+    target_modules: list[str] | str,
+    *,
+    bias: str = "none",
+    use_dora: bool = False,
+    modules_to_save: list[str] | None = None,
+) -> int:
+    """LoRA: for each targeted module of shape (in -> out), A is (r x in) and B is (out x r): r * (in + out).
+
+    Under grouped-query attention k_proj/v_proj are (h -> kv_heads*head_dim), so they add r*(h + kv_width), less
+    than q_proj's r*(h + heads*head_dim). An Embedding (V x h) adds r*(V + h). DoRA adds a magnitude vector of `out`
+    per Linear. bias='all' trains every bias of the model, 'lora_only' the biases of targeted modules.
+    modules_to_save trains a full copy of each named module (weight + bias).
+    """
+    saved = _modules_to_save(facts, modules_to_save or [])
+    saved_names = {m.name for m in saved}
+    targets = [m for m in lora_targets(facts, target_modules) if m.name not in saved_names]
+    count = sum(r * (m.in_features + m.out_features) for m in targets)
+    if use_dora:
+        count += sum(m.out_features for m in targets if m.kind == "linear")
+    if bias == "all":
+        count += sum(m.out_features for m in facts.modules if m.bias)
+    elif bias == "lora_only":
+        count += sum(m.out_features for m in targets if m.bias)
+    count += sum(m.params for m in saved)
+    return count
+
+
+# Which layer input each group of projections reads: the attention norm output (h), the MLP norm output (h), the
+# MLP product (i). A LoRA target without dropout keeps that input alive for its A's weight gradient.
+def _input_groups(f: ModelFacts) -> tuple[tuple[tuple[str, ...], int], ...]:
+    return ((("q_proj", "k_proj", "v_proj"), f.hidden_size), (("gate_proj", "up_proj"), f.hidden_size),
+            (("down_proj",), f.intermediate_size))
+
+
+def lora_layer_elements(f: ModelFacts, lo: LoraOptions) -> float:
+    """Activation elements per token per layer under LoRA (plan/activations.py has the measurement):
+
+        frozen core + h if a target without dropout reads the attention norm output (q/k/v)
+                    + h ... the MLP norm output (gate/up);  + i ... the MLP product (down)
+                    + 2*in per target with dropout (the dropped input and its mask, both at activation width)
+                    + r per target (the A output that B saves)
+    """
+    layer0 = [m for m in lora_targets(f, lo.target_modules) if m.layer == 0]
+    extra = 0.0
+    for group, width in _input_groups(f):
+        if lo.dropout == 0 and any(m.short in group for m in layer0):
+            extra += width
+    if lo.dropout > 0:
+        extra += sum(2 * m.in_features for m in layer0)
+    extra += lo.r * len(layer0)
+    return frozen_core_elements(f) + extra
+
+
+# -------------------------------------------------------------------------------------------- method
 def lora_config(config: MethodConfig) -> LoraConfig:
+    from peft import LoraConfig
+
     options = config.lora
     return LoraConfig(
         r=options.r,
@@ -36,9 +152,32 @@ def lora_config(config: MethodConfig) -> LoraConfig:
 
 class LoraMethod(Method):
     name = "lora"
+    description = "low-rank adapters on the base weights (16-bit base)"
+    options = (OptionsSection("lora", LoraOptions, "LoRA (and QLoRA) options."),)
+    plan_preference = 0
+    uses_lora_rank = True
     can_merge = True
 
+    def trainable_count(self, facts: ModelFacts, config: MethodConfig) -> TrainableCount:
+        lo = config.lora
+        n = lora_trainable_params(facts, lo.r, lo.target_modules, bias=lo.bias, use_dora=lo.use_dora,
+                                  modules_to_save=lo.modules_to_save)
+        targets = lora_targets(facts, lo.target_modules)
+        kinds = sorted({m.short for m in targets})
+        return TrainableCount(self.name, n,
+                              f"sum over {len(targets)} modules ({', '.join(kinds)}) of r*(in+out), r={lo.r}")
+
+    def layer_activation_elements(self, facts: ModelFacts, config: MethodConfig) -> float:
+        return lora_layer_elements(facts, config.lora)
+
+    def plan_options(self, *, rank: int, dropout: float, targets: list[str] | str | None,
+                     virtual_tokens: int | None) -> dict[str, Any]:
+        return {"lora": {"r": rank, "alpha": 2 * rank, "dropout": dropout,
+                         "target_modules": targets if targets is not None else ALL_LINEAR}}
+
     def apply(self, model: nn.Module, config: MethodConfig) -> nn.Module:
+        from peft import get_peft_model
+
         return get_peft_model(model, lora_config(config))
 
     def save(self, model: nn.Module, directory: Path, config: MethodConfig, base_model: str) -> None:
@@ -50,6 +189,8 @@ class LoraMethod(Method):
             write_method_file(tmp, self.name, base_model, config)
 
     def load(self, base: nn.Module, directory: Path) -> nn.Module:
+        from peft import PeftModel
+
         directory = Path(directory)
         if not (directory / "adapter_model.safetensors").exists():
             pickled = [p.name for p in directory.glob("*.bin")]
@@ -60,6 +201,9 @@ class LoraMethod(Method):
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:
+        import torch
+        from peft import PeftModel
+
         if not isinstance(model, PeftModel):
             raise MethodError("this model has no LoRA layers to merge (already merged?)")
         with torch.no_grad():

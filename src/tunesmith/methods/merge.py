@@ -21,6 +21,7 @@ import torch
 
 from tunesmith.atomic import atomic_dir
 from tunesmith.methods.base import MethodError, read_method_file
+from tunesmith.records.run import RunDir
 
 MERGED_FILE = "tunesmith_merged.json"
 PROBE_TEXTS = (
@@ -37,7 +38,8 @@ def _adapter_dir(path: Path) -> Path:
         raise MethodError(
             f"{path}: already a merged model (merged from {merged.get('source')}); it has no adapter left to merge"
         )
-    candidate = path / "adapter" if (path / "adapter").is_dir() else path
+    found = RunDir.find(path)
+    candidate = found.adapter if found.is_run and found.adapter.is_dir() else path
     if read_method_file(candidate) is None and not (candidate / "adapter_config.json").exists():
         if (candidate / "config.json").exists():
             raise MethodError(f"{path}: a plain model folder with no adapter (already merged?); nothing to merge")
@@ -77,7 +79,7 @@ def merge_run(path: str | Path, out: str | Path, log=print) -> dict[str, Any]:
     adapter_dir = _adapter_dir(path)
     meta = read_method_file(adapter_dir) or {"method": "lora"}
     method = get_method(meta["method"])
-    if method.name == "full":
+    if not method.export_pair:  # the trained folder is already a whole model
         raise MethodError(f"{path}: {method.merge_refusal}; use {adapter_dir} directly")
     if out.resolve() == path.resolve() or out.resolve() == adapter_dir.resolve():
         raise MethodError(f"--out {out} would overwrite the source; choose another folder")
@@ -92,7 +94,7 @@ def merge_run(path: str | Path, out: str | Path, log=print) -> dict[str, Any]:
     report = {
         "merged": True, "method": method.name, "base_model": info["base_model"], "source": str(path),
         "out": str(out), "probe_inputs": len(PROBE_TEXTS),
-        "compared_to": "quantized base + adapter" if method.name == "qlora" else "unmerged base + adapter",
+        "compared_to": method.merge_compared_to,
         "max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
     }
     with atomic_dir(out) as tmp:

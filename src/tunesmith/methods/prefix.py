@@ -12,35 +12,75 @@ do not know about: both are refused, clearly.
 
 from __future__ import annotations
 
-import torch
-from peft import PrefixTuningConfig
-from torch import nn
+from typing import TYPE_CHECKING, Literal
 
-from tunesmith.config import MethodConfig
-from tunesmith.methods.base import MethodError
+from pydantic import Field
+
+from tunesmith.methods.base import MethodError, MethodOptions, OptionsSection, TrainableCount, frozen_core_elements
 from tunesmith.methods.prompt_learning import MERGE_REFUSAL, PromptLearningMethod, text_init_tokenizer
+from tunesmith.models.facts import ModelFacts
+
+if TYPE_CHECKING:
+    from peft import PrefixTuningConfig
+    from torch import nn
+
+    from tunesmith.config import MethodConfig
 
 
-def prefix_trainable_count(layers: int, kv_width: int, config: MethodConfig) -> int:
-    """What peft's PrefixEncoder trains, kv_width = kv_heads * head_dim (peft's token_dim for GQA models):
+class PrefixOptions(MethodOptions):
+    num_virtual_tokens: int = Field(20, gt=0, description="Virtual tokens per layer (key and value).")
+    projection: bool = Field(False, description="Reparameterise the prefix through an MLP during training.")
+    projection_hidden: int = Field(512, gt=0, description="Hidden size of the reparameterisation MLP.")
+    init: Literal["random", "text"] = Field(
+        "random", description="random (peft's N(0,1)) or text: the base model's own keys/values of init_text."
+    )
+    init_text: str | None = Field(None, description="Text whose per-layer keys/values initialise the prefix.")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer (path or id) for init_text; None = the base model's own path."
+    )
 
-    no projection:   n * layers * 2 * kv_width
-    with projection: n * kv_width + (kv_width * h + h) + (h * 2 * layers * kv_width + 2 * layers * kv_width)
+
+def prefix_trainable_params(facts: ModelFacts, num_virtual_tokens: int, projection: bool = False,
+                            projection_hidden: int = 512) -> int:
+    """Prefix tuning (Li & Liang 2021) as peft 0.21 builds it for a decoder-only model.
+
+    One key and one value prefix per layer, each of kv width w = num_key_value_heads * head_dim (peft shrinks the
+    prefix to the kv width under grouped-query attention, peft #1901):
+        without projection:  n * L * 2 * w                                    (an Embedding(n, L*2*w))
+        with projection:     n*w + (w*H + H) + (H * L*2*w + L*2*w)          (Embedding(n, w) -> Linear(w, H) ->
+                                                                               tanh -> Linear(H, L*2*w))
+    with n virtual tokens, L layers and H = projection_hidden (peft's encoder_hidden_size).
     """
-    options = config.prefix
-    out = layers * 2 * kv_width
-    if not options.projection:
-        return options.num_virtual_tokens * out
-    h = options.projection_hidden
-    return options.num_virtual_tokens * kv_width + (kv_width * h + h) + (h * out + out)
+    n, w, L = num_virtual_tokens, facts.kv_width, facts.num_layers
+    if not projection:
+        return n * L * 2 * w
+    H = projection_hidden
+    return n * w + (w * H + H) + (H * L * 2 * w + L * 2 * w)
 
 
 class PrefixMethod(PromptLearningMethod):
     name = "prefix"
+    description = "trained key/value vectors at every layer (tiny; no gradient checkpointing, no packing)"
+    options = (OptionsSection("prefix", PrefixOptions, "Prefix-tuning options."),)
+    plan_preference = 4
     merge_refusal = MERGE_REFUSAL.format(name="prefix")
     supports_gradient_checkpointing = False
 
+    # --- planning
+    def trainable_count(self, facts: ModelFacts, config: MethodConfig) -> TrainableCount:
+        p = config.prefix
+        n = prefix_trainable_params(facts, p.num_virtual_tokens, p.projection, p.projection_hidden)
+        formula = f"{p.num_virtual_tokens} tokens x {facts.num_layers} layers x 2 x kv width {facts.kv_width}"
+        return TrainableCount(self.name, n, formula + (f" + MLP (hidden {p.projection_hidden})" if p.projection else ""))
+
+    def layer_activation_elements(self, facts: ModelFacts, config: MethodConfig) -> float:
+        """The frozen core + 2h: the residual stream now requires grad through the prefix keys/values."""
+        return frozen_core_elements(facts) + 2 * facts.hidden_size
+
+    # --- training
     def peft_config(self, model: nn.Module, config: MethodConfig) -> PrefixTuningConfig:
+        from peft import PrefixTuningConfig
+
         options = config.prefix
         return PrefixTuningConfig(
             task_type="CAUSAL_LM",
@@ -77,6 +117,7 @@ def init_prefix_from_text(peft_model, text: str, tokenizer_name: str) -> None:
     With this initialisation the prefixed model on input X equals the base model on text + X (tested), so
     training starts from the base model's behaviour with the text as context.
     """
+    import torch
     from transformers import AutoTokenizer, DynamicCache
 
     peft_config = peft_model.active_peft_config

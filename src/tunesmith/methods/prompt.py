@@ -7,25 +7,56 @@ faster. peft prepends the n virtual positions to the logits too; `align_logits` 
 
 from __future__ import annotations
 
-import torch
-from peft import PromptTuningConfig, PromptTuningInit
-from torch import nn
+from typing import TYPE_CHECKING, Literal
 
-from tunesmith.config import MethodConfig
-from tunesmith.methods.base import MethodError
+from pydantic import Field
+
+from tunesmith.methods.base import MethodError, MethodOptions, OptionsSection, TrainableCount
 from tunesmith.methods.prompt_learning import MERGE_REFUSAL, PromptLearningMethod, text_init_tokenizer
+from tunesmith.models.facts import ModelFacts
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PromptTuningConfig
+    from torch import nn
+
+    from tunesmith.config import MethodConfig
 
 
-def prompt_trainable_count(hidden: int, config: MethodConfig) -> int:
-    """n_virtual * hidden."""
-    return config.prompt.num_virtual_tokens * hidden
+class PromptOptions(MethodOptions):
+    num_virtual_tokens: int = Field(20, gt=0, description="Soft-prompt length.")
+    init: Literal["random", "text"] = Field("random", description="Initialise randomly or from a text's embeddings.")
+    init_text: str | None = Field(None, description="Text whose token embeddings initialise the soft prompt.")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer (path or id) for init_text; None = the base model's own path."
+    )
+
+
+def prompt_trainable_params(facts: ModelFacts, num_virtual_tokens: int) -> int:
+    """Prompt tuning (Lester et al. 2021): one soft embedding of width hidden per virtual token: n * h."""
+    return num_virtual_tokens * facts.hidden_size
 
 
 class PromptMethod(PromptLearningMethod):
     name = "prompt"
+    description = "a trained soft prompt at the input (the fewest parameters; many cheap task variants)"
+    options = (OptionsSection("prompt", PromptOptions, "Prompt-tuning options."),)
+    plan_preference = 5
     merge_refusal = MERGE_REFUSAL.format(name="prompt")
 
+    # --- planning
+    def trainable_count(self, facts: ModelFacts, config: MethodConfig) -> TrainableCount:
+        n = prompt_trainable_params(facts, config.prompt.num_virtual_tokens)
+        return TrainableCount(self.name, n, f"{config.prompt.num_virtual_tokens} tokens x hidden {facts.hidden_size}")
+
+    def virtual_tokens(self, config: MethodConfig) -> int:
+        """The frozen core runs over seq + n virtual positions."""
+        return config.prompt.num_virtual_tokens
+
+    # --- training
     def peft_config(self, model: nn.Module, config: MethodConfig) -> PromptTuningConfig:
+        from peft import PromptTuningConfig, PromptTuningInit
+
         options = config.prompt
         if options.init == "random":
             return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=options.num_virtual_tokens)

@@ -29,16 +29,19 @@ batched equal to single, and different from the base model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
-from peft import PeftModel, PeftType
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from tunesmith.atomic import atomic_dir
-from tunesmith.config import MethodConfig
 from tunesmith.methods.base import Method, MethodError, write_method_file
 
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from torch import nn
+
+    from tunesmith.config import MethodConfig
+
+PROMPT_LEARNING_LR = (1e-2, 3e-1)
 MERGE_REFUSAL = (
     "{name} keeps its state as virtual tokens in the context, not as a change to any weight matrix, so there is "
     "nothing to merge; export the base + adapter pair instead (tunesmith merge does this)"
@@ -52,6 +55,9 @@ def _positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def install_cached_generation(model: PeftModel) -> PeftModel:
     """Give `model` a prepare_inputs_for_generation that is right with and without the KV cache (see module doc)."""
+    import torch
+    from peft import PeftType
+
     base_prepare = model.base_model_prepare_inputs_for_generation
 
     def prepare_inputs_for_generation(input_ids: torch.Tensor, **kwargs: Any) -> dict[str, Any]:
@@ -113,6 +119,19 @@ class PromptLearningMethod(Method):
 
     can_merge = False
     supports_packing = False
+    uses_virtual_tokens = True
+
+    def learning_rate_range(self, full_range: tuple[float, float]) -> tuple[float, float]:
+        """1e-2 to 3e-1 whatever the model size: a few virtual-token vectors train at rates far above LoRA's
+        (Lester et al., 2021 train prompt tuning at 0.3; peft's prompt- and prefix-tuning examples use 1e-2 to 3e-2)."""
+        return PROMPT_LEARNING_LR
+
+    def learning_rate_reason(self) -> str:
+        return "prompt learning trains a few virtual-token vectors: rates of 1e-2-3e-1 (Lester et al. 2021 used 0.3)"
+
+    def plan_options(self, *, rank: int, dropout: float, targets: list[str] | str | None,
+                     virtual_tokens: int | None) -> dict[str, Any]:
+        return {self.name: {"num_virtual_tokens": virtual_tokens}} if virtual_tokens else {}
 
     def peft_config(self, model: nn.Module, config: MethodConfig):
         raise NotImplementedError
@@ -132,6 +151,8 @@ class PromptLearningMethod(Method):
             write_method_file(tmp, self.name, base_model, config)
 
     def load(self, base: nn.Module, directory: Path) -> nn.Module:
+        from peft import PeftModel
+
         directory = Path(directory)
         if not (directory / "adapter_model.safetensors").exists():
             raise MethodError(f"{directory}: no adapter_model.safetensors (pickled adapters are refused)")
@@ -140,6 +161,8 @@ class PromptLearningMethod(Method):
         return install_cached_generation(model)
 
     def prepare_for_generation(self, model: nn.Module) -> nn.Module:
+        from peft import PeftModel
+
         if not isinstance(model, PeftModel):
             raise MethodError(f"{self.name}: expected a peft model to prepare for generation, got {type(model).__name__}")
         return install_cached_generation(model)

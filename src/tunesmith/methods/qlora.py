@@ -17,29 +17,39 @@ had the quantization error), and tunesmith merge reports the logit difference be
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from peft import (
-    PeftModel,
-    get_peft_model,
-    get_peft_model_state_dict,
-    prepare_model_for_kbit_training,
-    set_peft_model_state_dict,
-)
-from torch import nn
+from pydantic import Field
 
-from tunesmith.config import MethodConfig
-from tunesmith.methods.base import MethodError
-from tunesmith.methods.lora import LoraMethod, lora_config
-from tunesmith.models.hardware import bf16_is_native, default_device
+from tunesmith.methods.base import MethodError, MethodOptions, OptionsSection, WeightBytes
+from tunesmith.methods.lora import LoraMethod, _input_groups, lora_config, lora_layer_elements, lora_targets
+from tunesmith.models.facts import ModelFacts
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from tunesmith.config import MethodConfig
 
 BLOCK_SIZE = 64  # bitsandbytes' 4-bit block size
 CONSTANT_BLOCK_SIZE = 256  # second-level blocks of double quantization
 
 
+class QuantOptions(MethodOptions):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants again (blocks of 256).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype of the dequantized matmul; auto = bf16 where native, else fp32."
+    )
+    backend: Literal["bitsandbytes", "torchao"] = Field("bitsandbytes", description="Quantization library.")
+
+
 def compute_dtype(config: MethodConfig, device: torch.device | None = None) -> torch.dtype:
     """auto → bf16 where the hardware runs it natively, else fp32 (never bf16 emulation: 10-30x slower here)."""
+    import torch
+
+    from tunesmith.models.hardware import bf16_is_native, default_device
+
     requested = config.quant.compute_dtype
     if requested == "auto":
         return torch.bfloat16 if bf16_is_native(device or default_device()) else torch.float32
@@ -49,11 +59,6 @@ def compute_dtype(config: MethodConfig, device: torch.device | None = None) -> t
 def constant_bits_per_param(double_quant: bool = True, block: int = BLOCK_SIZE, block2: int = CONSTANT_BLOCK_SIZE) -> float:
     """Quantization-constant overhead: 32/block, or with double quantization 8/block + 32/(block*block2)."""
     return 8 / block + 32 / (block * block2) if double_quant else 32 / block
-
-
-def quantized_weight_bytes(params: int, double_quant: bool = True) -> float:
-    """Bytes of `params` 4-bit weights with their constants (the planner's closed form): params * (4 + c) / 8."""
-    return params * (4 + constant_bits_per_param(double_quant)) / 8
 
 
 def quantized_base_report(model: nn.Module) -> dict[str, Any]:
@@ -99,8 +104,37 @@ def quantized_base_report(model: nn.Module) -> dict[str, Any]:
 
 class QLoraMethod(LoraMethod):
     name = "qlora"
+    description = "LoRA on a 4-bit NF4 base (less memory, slower, quantization error)"
+    options = (OptionsSection("quant", QuantOptions, "QLoRA quantization options."),)  # + LoRA's own section
+    plan_preference = 1
     can_merge = True
+    merge_compared_to = "quantized base + adapter"
 
+    # --- planning
+    def frozen_weight_bytes(self, facts: ModelFacts, config: MethodConfig, trainable_params: int,
+                            weight_bytes: int, weight_dtype: str) -> WeightBytes:
+        """Decoder Linear weights in NF4 at (4 + constant bits) / 8 bytes; embeddings, norms, lm_head at 16-bit."""
+        quantized = sum(m.weight_params for m in facts.decoder_linears())
+        bits = constant_bits_per_param(config.quant.double_quant)
+        other = facts.params_total - quantized
+        return WeightBytes(int(quantized * (4 + bits) / 8 + other * weight_bytes), bits, quantized,
+                           [f"{quantized:,} parameters in 4-bit NF4; embeddings, norms and lm_head stay {weight_dtype}"])
+
+    def layer_activation_elements(self, facts: ModelFacts, config: MethodConfig) -> float:
+        """LoRA's terms + 2h + i: bitsandbytes' MatMul4Bit keeps its input on ctx for every 4-bit layer, trained or
+        not, so both norm outputs and the MLP product stay alive (the attention output is a view of SDPA's, already
+        counted) — without counting twice what LoRA's own targets already keep."""
+        lo = config.lora
+        layer0 = [m for m in lora_targets(facts, lo.target_modules) if m.layer == 0]
+        kept = sum(w for group, w in _input_groups(facts)
+                   if lo.dropout == 0 and any(m.short in group for m in layer0))
+        return lora_layer_elements(facts, lo) + 2 * facts.hidden_size + facts.intermediate_size - kept
+
+    def extra_activation_bytes(self, facts: ModelFacts, config: MethodConfig, act_bytes: int) -> int:
+        """One 4-bit Linear is dequantized at a time for its matmul (forward and backward)."""
+        return max(m.weight_params for m in facts.decoder_linears()) * act_bytes
+
+    # --- training
     def base_load_kwargs(self, config: MethodConfig) -> dict[str, Any]:
         options = config.quant
         if options.backend != "bitsandbytes":
@@ -109,6 +143,8 @@ class QLoraMethod(LoraMethod):
                 "set method.quant.backend: bitsandbytes"
             )
         from transformers import BitsAndBytesConfig
+
+        from tunesmith.models.hardware import default_device
 
         device = default_device()
         quantization = BitsAndBytesConfig(
@@ -120,6 +156,8 @@ class QLoraMethod(LoraMethod):
         return {"quantization_config": quantization, "device_map": {"": 0} if device.type == "cuda" else "cpu"}
 
     def apply(self, model: nn.Module, config: MethodConfig) -> nn.Module:
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
         if getattr(model, "hf_quantizer", None) is None:
             raise MethodError("qlora: the base is not quantized; load it with METHOD.base_load_kwargs(config)")
         # Gradient checkpointing is the trainer's choice (enable_gradient_checkpointing), not switched on here.
@@ -128,6 +166,9 @@ class QLoraMethod(LoraMethod):
 
     def merge(self, model: nn.Module) -> nn.Module:
         """Dequantize the base to its compute dtype, then merge LoRA into the plain weights (see module doc)."""
+        import torch
+        from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
         if not isinstance(model, PeftModel):
             raise MethodError("this model has no LoRA layers to merge (already merged?)")
         adapter = model.active_adapter

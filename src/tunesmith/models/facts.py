@@ -2,7 +2,7 @@
 
 Where a config comes from (first match wins):
   1. a local directory holding `config.json`, or a path to a `config.json` file;
-  2. the catalogue shipped in `tunesmith/plan/catalogue/` (public configs of common models, keyed by hub id);
+  2. the catalogue shipped in `tunesmith/models/catalogue/` (public configs of common models, keyed by hub id);
   3. the local cache of the reference model (see reference.py);
   4. the model hub, through `transformers.AutoConfig.from_pretrained` (needs network access).
 
@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from tunesmith.errors import UsageError
 
 FORMULA_FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -93,13 +95,13 @@ class ModelFacts:
         return [m for m in self.modules if m.kind == "linear" and m.layer is not None]
 
 
-class ModelFactsError(ValueError):
+class ModelFactsError(UsageError):
     """A model's config cannot be found or read; the message names where it looked."""
 
 
 # ------------------------------------------------------------------------------------------- configs
 def catalogue_dir() -> Path:
-    return Path(str(resources.files("tunesmith.plan") / "catalogue"))
+    return Path(str(resources.files("tunesmith.models") / "catalogue"))
 
 
 def catalogue_ids() -> list[str]:

@@ -20,18 +20,28 @@ tests/plan/test_plan_memory.py re-measures them on a tiny model (within 8%). Ele
                    2 * (h + m) with relu
     gradient checkpointing: h per layer (the layer input) + one layer recomputed in the backward pass
 
-Logits: (batch, seq, vocab) in fp32 are held 4 times at the start of the backward pass (measured by RSS on the
-reference model, bench/memory_accuracy.py: the logits, the saved
-log-softmax output, its gradient, the logits' gradient); with 16-bit weights the 16-bit logits add 2 bytes.
+Logits. The trainer (train/loop.py forward_loss) computes logits only at labelled positions N (those whose next
+token is a target; N = labelled_fraction * batch * seq, all positions when the data is not known): the head
+runs on the selected hidden states, (1, N, vocab). What lives at the start of the backward pass is then the saved
+log-softmax output (fp32), its gradient and the logits' gradient, 3 x 4 bytes per element (the head's own output
+is dropped when forward_loss returns); under 16-bit compute the gradient cast back to 16 bits adds 2 bytes.
+Methods that re-align the logits (prompt tuning prepends virtual positions: `Method.selective_logits` is False)
+take the full path: (batch, seq, vocab) in fp32 held 4 times (the logits, the saved log-softmax output, its
+gradient, the logits' gradient; measured by RSS on the reference model), + 2 bytes of 16-bit logits.
+Attention: SDPA (or flash attention) keeps no seq x seq score matrix, only the log-sum-exp per head and token.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from tunesmith.config import MethodConfig
+from tunesmith.methods.registry import get_method
 from tunesmith.models.facts import ModelFacts
-from tunesmith.plan.counts import lora_targets
+
+if TYPE_CHECKING:
+    from tunesmith.config import MethodConfig
 
 
 @dataclass(frozen=True)
@@ -47,47 +57,10 @@ class ActivationEstimate:
         return self.saved_bytes + self.logits_bytes + self.recompute_bytes
 
 
-def _core(f: ModelFacts) -> float:
-    h, i, q, k, a = f.hidden_size, f.intermediate_size, f.num_heads * f.head_dim, f.kv_width, f.num_heads
-    return 2 * h + 2 * q + 3 * i + 2 * k + a + 2
-
-
 def layer_elements_per_token(f: ModelFacts, method: MethodConfig) -> float:
-    """Activation elements autograd saves per token in one decoder layer (see the module docstring)."""
-    h, i, q, k, a = f.hidden_size, f.intermediate_size, f.num_heads * f.head_dim, f.kv_width, f.num_heads
-    name = method.name
-    if name == "full":
-        return 6 * h + 2 * q + 4 * i + 2 * k + a + 2
-    if name in ("lora", "qlora"):
-        lo = method.lora
-        layer0 = [m for m in lora_targets(f, lo.target_modules) if m.layer == 0]
-        extra = 0.0
-        for group, width in ((("q_proj", "k_proj", "v_proj"), h), (("gate_proj", "up_proj"), h), (("down_proj",), i)):
-            hit = [m for m in layer0 if m.short in group]
-            if hit and lo.dropout == 0:
-                extra += width
-        if lo.dropout > 0:
-            extra += sum(2 * m.in_features for m in layer0)
-        extra += lo.r * len(layer0)
-        if name == "qlora":
-            # bitsandbytes' MatMul4Bit keeps its input on ctx for every 4-bit layer, trained or not: both norm
-            # outputs and the MLP product stay alive (the attention output is a view of SDPA's, already counted).
-            extra += 2 * h + i - sum(
-                w for group, w in ((("q_proj", "k_proj", "v_proj"), h), (("gate_proj", "up_proj"), h), (("down_proj",), i))
-                if lo.dropout == 0 and any(m.short in group for m in layer0)
-            )
-        return _core(f) + extra
-    if name == "prompt":
-        return _core(f)
-    if name == "prefix":
-        return _core(f) + 2 * h
-    if name == "adapters":
-        m = h // method.adapters.reduction_factor
-        # Per adapter: its input (for the down-projection's weight gradient) and the bottleneck activation (relu
-        # saves its output, which the up-projection also saves); gelu/silu/tanh keep their input as well.
-        per_adapter = h + m + (m if method.adapters.nonlinearity != "relu" else 0)
-        return _core(f) + 2 * per_adapter
-    raise ValueError(f"method.name: unknown method {name!r}")
+    """Activation elements autograd saves per token in one decoder layer: the method's own term (see the module
+    docstring for the measured coefficients; each method states its term in its module)."""
+    return get_method(method.name).layer_activation_elements(f, method)
 
 
 def activation_estimate(
@@ -97,12 +70,14 @@ def activation_estimate(
     seq_len: int,
     act_bytes: int,
     gradient_checkpointing: bool,
+    labelled_fraction: float = 1.0,
 ) -> ActivationEstimate:
     """Bytes of activations for one micro-batch. act_bytes = 4 (fp32) or 2 (bf16/fp16 compute).
 
     Under 16-bit compute RMSNorm upcasts to fp32, so each of the two norms saves an extra fp32 copy (4h bytes).
     """
-    seq = seq_len + (method.prompt.num_virtual_tokens if method.name == "prompt" else 0)
+    owner = get_method(method.name)
+    seq = seq_len + owner.virtual_tokens(method)
     tokens = batch_size * seq
     per_layer = layer_elements_per_token(f, method)
     norm_upcast = 2 * f.hidden_size * 4 if act_bytes < 4 else 0  # bytes per token per layer
@@ -114,6 +89,10 @@ def activation_estimate(
         saved = int(f.num_layers * layer_bytes)
         recompute = 0
     # Outside the layer stack: the final norm (input, x*rsqrt, output) when its weight trains, else its output.
-    saved += tokens * (3 if method.name == "full" else 1) * f.hidden_size * act_bytes
-    logits = tokens * f.vocab_size * (4 * 4 if act_bytes == 4 else 3 * 4 + act_bytes)
+    saved += tokens * (3 if owner.trains_base_weights else 1) * f.hidden_size * act_bytes
+    if owner.selective_logits:
+        labelled = math.ceil(labelled_fraction * batch_size * seq_len)
+        logits = labelled * f.vocab_size * (3 * 4 + (act_bytes if act_bytes < 4 else 0))
+    else:
+        logits = tokens * f.vocab_size * (4 * 4 if act_bytes == 4 else 3 * 4 + act_bytes)
     return ActivationEstimate(per_layer, int(saved), int(logits), recompute, seq)

@@ -66,14 +66,12 @@ def size_band(params: int) -> str:
 
 
 def learning_rate_range(params: int, method: str) -> tuple[float, float]:
-    """Full fine-tuning range by size; PEFT methods 10x higher (prompt/prefix tuning at least 1e-3)."""
+    """Full fine-tuning's range by size, as the method adapts it (`Method.learning_rate_range`): full as is, LoRA-
+    family and adapters 10x higher, prompt/prefix tuning 1e-2-3e-1 (FIELD.md)."""
+    from tunesmith.methods.registry import get_method
+
     full = next(rng for limit, rng in FULL_LR_BY_SIZE if params < limit)
-    if method == "full":
-        return full
-    low, high = full[0] * 10, full[1] * 10
-    if method in ("prompt", "prefix"):
-        return (max(low, 1e-3), max(high, 1e-2))
-    return (low, high)
+    return get_method(method).learning_rate_range(full)
 
 
 @dataclass
@@ -100,12 +98,14 @@ def hyperparameters(params: int, method: str, task: str, examples: int | None) -
     """Starting hyperparameters: LR by size (10x lower for full FT), rank by task, alpha = 2r, 1-3 epochs, 3-10% warmup."""
     if task not in TASK_KINDS:
         raise ValueError(f"--task {task!r}: expected one of {', '.join(TASK_KINDS)}")
+    from tunesmith.methods.registry import get_method
+
+    owner = get_method(method)
     low, high = learning_rate_range(params, method)
     lr = float(f"{(low * high) ** 0.5:.1g}")  # geometric middle, one significant digit
     rank = rank_range = alpha = None
-    reasons = [f"{size_band(params)} model: {method} learning rate {low:.0e}-{high:.0e}"
-               + (" (full fine-tuning: ~10x lower than PEFT)" if method == "full" else " (PEFT: ~10x the full-FT range)")]
-    if method in ("lora", "qlora"):
+    reasons = [f"{size_band(params)} model: {method} learning rate {low:.0e}-{high:.0e} ({owner.learning_rate_reason()})"]
+    if owner.uses_lora_rank:
         rank, lo_r, hi_r = RANK_BY_TASK[task]
         rank_range, alpha = (lo_r, hi_r), 2 * rank
         reasons.append(f"{task} task: rank {lo_r}-{hi_r}, start at {rank}; alpha = 2r = {alpha}")

@@ -25,20 +25,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from tunesmith.config import MethodConfig
+from tunesmith.methods.registry import get_method
 from tunesmith.models.facts import ModelFacts
 from tunesmith.plan.activations import activation_estimate
 from tunesmith.plan.counts import trainable_params
 
+if TYPE_CHECKING:
+    from tunesmith.config import MethodConfig
+
 GiB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 OVERHEAD_BYTES = {"cuda": int(1.0 * GiB), "cpu": 48 * 1024**2}  # CUDA context+cuBLAS workspace; CPU see bench
-
-
-def nf4_constant_bits_per_param(double_quant: bool) -> float:
-    """Bits of quantization constants per 4-bit weight (blocks of 64; double quant: 8-bit absmax, blocks of 256)."""
-    return 8 / 64 + 32 / (64 * 256) if double_quant else 32 / 64
 
 
 @dataclass
@@ -56,6 +55,9 @@ class TrainSetup:
     device: str = "cuda"  # cuda | cpu: which overhead applies
     gpus: int = 1
     gpu_memory_bytes: int | None = None
+    # Share of positions whose next token is a training target; the trainer computes logits only there
+    # (train/loop.py forward_loss). 1.0 (every position, the upper bound) unless the data says otherwise.
+    labelled_fraction: float = 1.0
 
 
 @dataclass
@@ -73,6 +75,8 @@ class MemoryEstimate:
     total: int
     step_temporaries: int
     quant_constant_bits_per_param: float | None = None
+    head_gradient: int = 0  # the output layer's gradient, alive with all activations (full fine-tuning)
+    gradient_accumulation_steps: int = 1
     notes: list[str] = field(default_factory=list)
 
     def memory_bytes(self) -> dict[str, int]:
@@ -88,56 +92,44 @@ def optimizer_bytes_per_param(optimizer: str) -> int:
     raise ValueError(f"--optimizer: unknown optimizer {optimizer!r} (adamw, adamw_8bit, paged_adamw_8bit)")
 
 
-def _weights_bytes(f: ModelFacts, method: MethodConfig, trainable_n: int, wbytes: int) -> tuple[int, float | None, int]:
-    """(frozen weight bytes, NF4 constant bits per param or None, 4-bit parameter count)."""
-    if method.name == "full":
-        return (f.params_total - trainable_n) * wbytes, None, 0
-    if method.name != "qlora":
-        return f.params_total * wbytes, None, 0
-    quantized = sum(m.weight_params for m in f.decoder_linears())  # lm_head and embeddings stay 16-bit
-    bits = nf4_constant_bits_per_param(method.quant.double_quant)
-    other = f.params_total - quantized
-    return int(quantized * (4 + bits) / 8 + other * wbytes), bits, quantized
-
-
 def estimate_memory(f: ModelFacts, method: MethodConfig, setup: TrainSetup) -> MemoryEstimate:
+    """The breakdown and peak of one training step (module docstring); every method-specific term comes from the
+    method itself (methods/base.py hooks), so a newly registered method is planned without changes here."""
+    owner = get_method(method.name)
     count = trainable_params(f, method)
     n = count.trainable_params
     wbytes = DTYPE_BYTES[setup.weight_dtype]
     abytes = DTYPE_BYTES[setup.compute_dtype]
-    weights, qbits, quantized = _weights_bytes(f, method, n, wbytes)
-    tbytes = wbytes if method.name == "full" else 4
+    frozen = owner.frozen_weight_bytes(f, method, n, wbytes, setup.weight_dtype)
+    tbytes = wbytes if owner.trains_base_weights else 4
     trainable = n * tbytes
     gradients = n * tbytes
     master = n * 4 if (setup.master_weights and tbytes < 4) else 0
     optimizer = n * optimizer_bytes_per_param(setup.optimizer)
-    act = activation_estimate(f, method, setup.batch_size, setup.seq_len, abytes, setup.gradient_checkpointing)
-    activations = act.peak_bytes
-    notes: list[str] = []
+    act = activation_estimate(f, method, setup.batch_size, setup.seq_len, abytes, setup.gradient_checkpointing,
+                              labelled_fraction=setup.labelled_fraction)
+    activations = act.peak_bytes + owner.extra_activation_bytes(f, method, abytes)
+    notes: list[str] = list(frozen.notes)
     # The first gradient of the backward pass is the output layer's (V x h), made while every activation lives.
-    head_grad = f.vocab_size * f.hidden_size * tbytes if method.name == "full" else 0
-    if method.name == "qlora":
-        # One 4-bit Linear is dequantized at a time for its matmul (forward and backward).
-        largest = max(m.weight_params for m in f.decoder_linears())
-        activations += largest * abytes
-        notes.append(f"{quantized:,} parameters in 4-bit NF4; embeddings, norms and lm_head stay {setup.weight_dtype}")
+    head_grad = f.vocab_size * f.hidden_size * tbytes if owner.trains_base_weights else 0
     # Optimizer step scratch: torch's AdamW on CPU walks one tensor at a time (the largest tensor's temporaries);
     # on CUDA we assume the fused kernel (torch.optim.AdamW(fused=True)), which needs none. (The default foreach
     # path would add one fp32 temporary per trainable parameter at the step.)
-    largest_trainable = f.vocab_size * f.hidden_size if method.name == "full" else 0
+    largest_trainable = f.vocab_size * f.hidden_size if owner.trains_base_weights else 0
     step_temp = 0 if setup.device == "cuda" else largest_trainable * 4 * 2
     overhead = OVERHEAD_BYTES[setup.device]
-    persistent = weights + trainable + master + optimizer + overhead
+    persistent = frozen.bytes + trainable + master + optimizer + overhead
     if setup.gradient_accumulation_steps > 1:
         total = persistent + gradients + max(activations, step_temp)
         notes.append("gradient accumulation: gradients live through the forward pass and are added in full")
     else:
         total = persistent + max(activations + head_grad, gradients + step_temp)
     return MemoryEstimate(
-        method=method.name, trainable_params=n, trainable_formula=count.formula, weights=int(weights),
+        method=method.name, trainable_params=n, trainable_formula=count.formula, weights=int(frozen.bytes),
         trainable=int(trainable), gradients=int(gradients), master_weights=int(master), optimizer=int(optimizer),
         activations=int(activations), overhead=overhead, total=int(total), step_temporaries=int(step_temp),
-        quant_constant_bits_per_param=qbits, notes=notes,
+        quant_constant_bits_per_param=frozen.quant_constant_bits_per_param, notes=notes, head_gradient=int(head_grad),
+        gradient_accumulation_steps=setup.gradient_accumulation_steps,
     )
 
 
@@ -147,7 +139,7 @@ def gpus_needed(est: MemoryEstimate, gpu_memory_bytes: int, sharded: bool, usabl
     and optimizer state divide by the GPU count; activations and overhead stay per GPU. 8% of each GPU is kept
     free for fragmentation."""
     usable = gpu_memory_bytes * usable_fraction
-    per_gpu = est.activations + est.overhead + (est.step_temporaries if est.method == "full" else 0)
+    per_gpu = est.activations + est.overhead + est.step_temporaries
     if not sharded:
         return 1 if est.total <= usable else None
     shardable = est.weights + est.trainable + est.gradients + est.master_weights + est.optimizer
@@ -155,6 +147,24 @@ def gpus_needed(est: MemoryEstimate, gpu_memory_bytes: int, sharded: bool, usabl
     if room <= 0:
         return None
     return max(1, math.ceil(shardable / room))
+
+
+def sharded_bytes_per_gpu(est: MemoryEstimate, gpus: int, layer_bytes: int, offload: bool = False) -> int:
+    """Peak per GPU under full sharding (FSDP2 / ZeRO-3) across `gpus`:
+
+        (weights + trainable + master + optimizer) / N + overhead + 2 * layer     # the all-gathered layer + the
+                                                                                  # prefetched next one
+        + max(activations + head gradient / N, gradients / N + step scratch)    (gradients / N + max(...) when
+                                                                                  accumulating)
+    With CPU offload (FSDP2's CPUOffloadPolicy) parameters, gradients and optimizer state live in host memory; the
+    GPU keeps overhead + activations + the head gradient + 4 layers (two gathered, their gradients)."""
+    if offload:
+        return int(est.overhead + est.activations + est.head_gradient + 4 * layer_bytes)
+    states = (est.weights + est.trainable + est.master_weights + est.optimizer) / gpus
+    persistent = states + est.overhead + 2 * layer_bytes
+    if est.gradient_accumulation_steps > 1:
+        return int(persistent + est.gradients / gpus + max(est.activations, est.step_temporaries))
+    return int(persistent + max(est.activations + est.head_gradient / gpus, est.gradients / gpus + est.step_temporaries))
 
 
 def as_dict(setup: TrainSetup) -> dict:

@@ -6,13 +6,16 @@ For serving, each module's update is  delta(x) = scale · B (A x)  with scale = 
 so the scale is folded into B once at load time (LoRA paper, Hu et al. 2021, §4.1).
 
 Refused with an error that names the file and field: a pickled `adapter_model.bin` (loading pickles runs code),
-a non-LoRA method, DoRA, trained biases, extra saved modules, embedding LoRA, an adapter recorded for another
-base model, and weights whose shapes do not fit the base's modules.
+a file that is a symlink leading out of the adapter folder (except into the Hugging Face cache's own blobs/), a
+truncated or corrupt safetensors file, a non-LoRA method, DoRA, trained biases, extra saved modules, embedding
+LoRA, an adapter recorded for another base model (identity.py: by local copy and fingerprint, not by name), and
+weights whose shapes do not fit the base's modules.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -21,12 +24,15 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from tunesmith.errors import UsageError
+from tunesmith.serve.identity import BaseIdentity, BaseMismatch
+
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-class AdapterError(ValueError):
+class AdapterError(UsageError):
     """An adapter that cannot be served here, phrased for a person (file, field, what to do)."""
 
 
@@ -45,12 +51,28 @@ class AdapterSpec:
     extra: dict = field(default_factory=dict)
 
 
+def _inside(folder: Path, path: Path) -> Path:
+    """`path`, refused when it is a symlink that leads out of the adapter folder: an adapter named by an operator
+    must not make the server read files elsewhere. The Hugging Face cache's own layout (snapshots/<rev>/file ->
+    ../../blobs/<sha>) is allowed."""
+    target = path.resolve()
+    root = folder.resolve()
+    if path.is_symlink() and not target.is_relative_to(root):
+        hf_blob = target.parent.name == "blobs" and root.parent.name == "snapshots" and \
+            target.parent.parent == root.parent.parent
+        if not hf_blob:
+            raise AdapterError(f"{path}: a symlink to {target}, outside the adapter folder {root}; refused (copy "
+                               "the real file into the folder, e.g. cp -L)")
+    return path
+
+
 def _config(folder: Path) -> dict:
     cfg_path = folder / CONFIG_FILE
     if not folder.is_dir():
         raise AdapterError(f"{folder}: adapter folder not found (expected {CONFIG_FILE} + {WEIGHTS_FILE})")
     if not cfg_path.is_file():
         raise AdapterError(f"{cfg_path}: missing; is {folder} a PEFT LoRA adapter folder?")
+    _inside(folder, cfg_path)
     try:
         return json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -97,7 +119,18 @@ def _weights_file(folder: Path) -> Path:
                 f"convert it once in a trusted place to {WEIGHTS_FILE} (peft: save_pretrained(safe_serialization=True))"
             )
         raise AdapterError(f"{path}: missing; a LoRA adapter folder holds {WEIGHTS_FILE}")
-    return path
+    return _inside(folder, path)
+
+
+def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from the safetensors header; a truncated or corrupt file is refused here, at load time
+    (the library checks that the header parses and that every tensor's byte range lies inside the file)."""
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as exc:  # safetensors raises its own SafetensorError (not an OSError/ValueError)
+        raise AdapterError(f"{weights}: not a readable safetensors file ({type(exc).__name__}: {exc}); it is "
+                           "truncated or corrupt: copy it again, or save the adapter again") from None
 
 
 def _module_name(key: str) -> tuple[str, str]:
@@ -110,45 +143,41 @@ def _module_name(key: str) -> tuple[str, str]:
     return stem, ""
 
 
-def same_base(recorded: str | None, server_names: set[str]) -> bool:
-    """True when the adapter's recorded base matches one of the server's names for its base (or none is recorded)."""
-    if not recorded:
-        return True
-    candidates = {recorded, recorded.rstrip("/")}
-    path = Path(recorded).expanduser()
-    if path.exists():
-        candidates.add(str(path.resolve()))
-    return bool(candidates & server_names)
-
-
 def inspect_adapter(
-    name: str, folder: str | os.PathLike, linear_shapes: dict[str, tuple[int, int]], base_names: set[str]
+    name: str, folder: str | os.PathLike, linear_shapes: dict[str, tuple[int, int]],
+    base: BaseIdentity | set[str], allow_base_mismatch: bool = False,
 ) -> AdapterSpec:
     """Validate an adapter against the base without loading its tensors: config, file type, modules, shapes.
 
     linear_shapes: base module name -> (in_features, out_features) for every nn.Linear of the base model.
-    base_names: the names the server's base goes by (as given, resolved path, config._name_or_path).
+    base: the server's base (identity.py), or the set of names it goes by.
+    allow_base_mismatch: serve an adapter recorded for another base anyway (logged, and noted in spec.extra).
     """
     folder = Path(folder).expanduser()
     cfg = _config(folder)
     cfg_path = folder / CONFIG_FILE
     _refuse_unsupported(cfg, cfg_path)
     recorded = cfg.get("base_model_name_or_path")
-    if not same_base(recorded, base_names):
-        raise AdapterError(
-            f"{cfg_path}: base_model_name_or_path={recorded!r} but this server's base is {sorted(base_names)[0]!r}; "
-            "adapters are trained for one base model: serve it with its own base, or retrain it on this one"
-        )
+    base = base if isinstance(base, BaseIdentity) else BaseIdentity(set(base))
+    try:
+        base_check = base.check(recorded)
+    except BaseMismatch as exc:
+        if not allow_base_mismatch:
+            raise AdapterError(
+                f"{cfg_path}: base_model_name_or_path: {exc}; adapters are trained for one base model: serve it "
+                "with its own base or retrain it on this one (--allow-base-mismatch serves it anyway, for experts)"
+            ) from None
+        base_check = f"MISMATCH allowed by --allow-base-mismatch: {exc}"
+        logging.getLogger("tunesmith.serve").warning("adapter '%s' (%s): %s", name, folder, base_check)
     weights = _weights_file(folder)
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-    with safe_open(str(weights), framework="pt") as handle:
-        for key in handle.keys():
-            module, part = _module_name(key)
-            if not part:
-                raise AdapterError(
-                    f"{weights}: tensor '{key}' is not a LoRA A/B matrix (embedding LoRA or extra state is not served)"
-                )
-            shapes.setdefault(module, {})[part] = tuple(handle.get_slice(key).get_shape())
+    for key, shape in _tensor_shapes(weights).items():
+        module, part = _module_name(key)
+        if not part:
+            raise AdapterError(
+                f"{weights}: tensor '{key}' is not a LoRA A/B matrix (embedding LoRA or extra state is not served)"
+            )
+        shapes.setdefault(module, {})[part] = shape
     if not shapes:
         raise AdapterError(f"{weights}: holds no LoRA weights")
     modules: dict[str, tuple[int, int, int]] = {}
@@ -172,7 +201,7 @@ def inspect_adapter(
         scales[module] = _scale(cfg, module, rank)
     return AdapterSpec(
         name=name, path=folder, rank=max(r for r, _, _ in modules.values()), modules=modules, scales=scales,
-        base_model=recorded, source=str(folder),
+        base_model=recorded, source=str(folder), extra={"base_check": base_check},
     )
 
 

@@ -1,9 +1,11 @@
 """OpenAI-compatible HTTP API over the engine (FastAPI): completions, chat completions (both with SSE streaming),
 models, health, Prometheus metrics, user feedback, and admin endpoints for adapters and A/B aliases.
 
-Errors are OpenAI-style JSON bodies {"error": {"message", "type", "param", "code"}}: 401 bad key, 403 a model the
-key may not use (the body names nothing about it), 404 unknown model, 413 body too large, 422 bad parameters,
-400 prompt + max_tokens over the context, 503 an adapter that failed to load.
+Errors are OpenAI-style JSON bodies {"error": {"message", "type", "param", "code"}}: 401 bad key, 404 unknown model
+(also for a model that exists but belongs to another tenant: the same answer, so names do not leak across tenants),
+413 body too large, 422 bad parameters, 400 prompt + max_tokens over the context, 503 an adapter that failed to
+load. A client that disconnects, or a streaming client that stops reading, has its generation cancelled (its batch
+row and adapter pin freed; counted in tunesmith_cancelled_requests_total); the answer it no longer reads is 499.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunesmith.serve.adapters import AdapterError
-from tunesmith.serve.engine import BASE, Engine, GenRequest
+from tunesmith.serve.engine import BASE, Engine, GenRequest, GenResult
 from tunesmith.serve.metrics import ServeMetrics
 from tunesmith.serve.router import OPEN, ABRouter, Tenants
 
@@ -109,6 +111,7 @@ class ServerState:
     admin_key: str | None = None
     model_name: str = "base"
     max_body_bytes: int = 1 << 20
+    max_stream_backlog: int = 256  # a streaming client this many chunks behind is cut off (see _relay)
     served: OrderedDict | None = None  # response id -> (tenant, alias, variant), for feedback
 
     def __post_init__(self) -> None:
@@ -142,96 +145,137 @@ def _admin(state: ServerState, request: Request) -> None:
         raise APIError(401, "invalid admin key", "authentication_error", "invalid_api_key")
 
 
+def _no_such_model(model: str) -> APIError:
+    return APIError(404, f"model '{model}' does not exist; GET /v1/models lists the ones you may use",
+                    code="model_not_found", param="model")
+
+
 def _resolve(state: ServerState, tenant: str, model: str, user: str | None) -> tuple[str | None, str | None, str]:
-    """model field -> (adapter name or None for base, alias or None, variant or None). 404 unknown, 403 forbidden."""
+    """model field -> (adapter name or None for base, alias or None, variant or None).
+
+    A model this tenant may not use gets exactly the answer of a model that does not exist (404, same body with
+    the requested name), so one tenant cannot learn which adapter or alias names another tenant has.
+    """
+    if not state.tenants.may_use(tenant, model):
+        raise _no_such_model(model)
     alias, variant = None, None
     if model in state.ab.weights:
-        if not state.tenants.may_use(tenant, model):
-            raise APIError(403, "this API key may not use the requested model", "permission_error", "model_forbidden")
         alias, variant = model, state.ab.choose(model, user)
         model = variant
     if model == BASE:
         return None, alias, variant or BASE
-    spec = state.engine.cache.spec(model)
-    if spec is None:
-        raise APIError(404, f"model '{model}' does not exist; GET /v1/models lists the ones you may use",
-                       code="model_not_found", param="model")
-    if alias is None and not state.tenants.may_use(tenant, model):
-        raise APIError(403, "this API key may not use the requested model", "permission_error", "model_forbidden")
+    if state.engine.adapter_spec(model) is None:
+        raise _no_such_model(model)
     return model, alias, variant or model
 
 
 def _visible_models(state: ServerState, tenant: str) -> list[dict]:
-    names = [BASE, *state.engine.cache.names(), *sorted(state.ab.weights)]
-    return [{"id": n, "object": "model", "created": 0, "owned_by": state.tenants.owners.get(n, "shared")}
+    names = [BASE, *state.engine.adapter_names(), *sorted(state.ab.weights)]
+    return [{"id": n, "object": "model", "created": 0, "owned_by": state.tenants.owner(n) or "shared"}
             for n in names if state.tenants.may_use(tenant, n)]
 
 
 # ---------------------------------------------------------------------------------------- generation
-async def _run(state: ServerState, request: Request, body: _Sampling, prompt_ids: list[int], chat: bool):
-    tenant = _tenant(state, request)
+def _check_prompt(state: ServerState, prompt_ids: list[int], max_tokens: int) -> None:
     vocab = int(getattr(state.engine.model.config, "vocab_size", 0) or 0)
     if not prompt_ids:
         raise APIError(422, "the prompt is empty after tokenization", code="invalid_value", param="prompt")
     if vocab and any(not 0 <= t < vocab for t in prompt_ids):  # would fail the whole batch's forward pass
         raise APIError(422, f"prompt token ids must be in [0, {vocab})", code="invalid_value", param="prompt")
-    adapter, alias, variant = _resolve(state, tenant, body.model, body.user)
-    label = adapter or BASE
-    engine = state.engine
-    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or 16
-    if len(prompt_ids) + max_tokens > engine.max_model_len:
+    limit = state.engine.max_model_len
+    if len(prompt_ids) + max_tokens > limit:
         raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                       f"context of {engine.max_model_len} tokens; shorten the prompt or lower max_tokens",
+                       f"context of {limit} tokens; shorten the prompt or lower max_tokens",
                        code="context_length_exceeded", param="max_tokens")
-    loop = asyncio.get_running_loop()
+
+
+def _relay(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, gen: GenRequest, backlog: int | None):
+    """The request's on_event: engine thread -> event loop queue.
+
+    A streaming client that stops reading leaves its socket full, so the response stops pulling from `queue` and
+    the queue grows; past `backlog` unread events the request is cancelled, which frees its batch row and adapter
+    pin at the engine's next step instead of when max_tokens is reached (and bounds what the queue holds). "Full"
+    means the kernel's send buffer (autotuned up to 4 MiB on Linux; capped by `send_buffer_bytes`) plus uvicorn's
+    64 KiB write buffer: an answer smaller than that is simply generated to the end, and its row freed then.
+    """
+
+    def on_event(kind: str, payload) -> None:
+        if backlog is not None and kind == "token" and queue.qsize() > backlog:
+            gen.cancel(f"the client left {backlog} chunks unread")
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
+            gen.cancel("server shutting down")
+
+    return on_event
+
+
+async def _cancel_on_disconnect(request: Request, gen: GenRequest) -> None:
+    """Cancel `gen` when the client disconnects (the ASGI server sends http.disconnect). The request body has been
+    read by then, so the next message on `receive` is the disconnect (or the end of the response)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    gen.cancel("the client disconnected")
+
+
+async def _run(state: ServerState, request: Request, body: _Sampling, prompt_ids: list[int], chat: bool):
+    tenant = _tenant(state, request)
+    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or 16
+    _check_prompt(state, prompt_ids, max_tokens)
+    adapter, alias, variant = _resolve(state, tenant, body.model, body.user)
     queue: asyncio.Queue = asyncio.Queue()
     gen = GenRequest(prompt_ids=prompt_ids, adapter=adapter, max_tokens=max_tokens, temperature=body.temperature,
-                     top_p=body.top_p, seed=body.seed, stop=body.stops(),
-                     on_event=lambda kind, payload: loop.call_soon_threadsafe(queue.put_nowait, (kind, payload)))
-    engine.submit(gen)
+                     top_p=body.top_p, seed=body.seed, stop=body.stops())
+    gen.on_event = _relay(asyncio.get_running_loop(), queue, gen, state.max_stream_backlog if body.stream else None)
+    state.engine.submit(gen)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     state.remember(rid, tenant, alias, variant)
     meta = {"id": rid, "created": int(time.time()), "model": body.model, "variant": variant, "alias": alias,
-            "label": label}
+            "label": adapter or BASE}
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, gen))
     if body.stream:
-        return _stream(state, gen, queue, meta, chat)
-    while True:
-        kind, payload = await queue.get()
-        if kind == "done":
-            _record(state, meta, 200, payload)
-            return _final_body(meta, payload, chat)
-        if kind == "error":
-            status, message = payload
-            _record(state, meta, status, None)
-            raise APIError(status, message, "server_error" if status >= 500 else "invalid_request_error")
+        return _stream(state, gen, queue, meta, chat, watcher)
+    try:
+        while (event := await queue.get())[0] == "token":
+            pass
+    finally:
+        watcher.cancel()
+    kind, payload = event
+    if kind == "error":
+        _record(state, meta, payload.status, None)
+        raise APIError(payload.status, payload.message, "server_error" if payload.status >= 500 else
+                       "invalid_request_error")
+    _record(state, meta, 499 if payload.finish_reason == "cancelled" else 200, payload)
+    return _final_body(meta, payload, chat)
 
 
-def _record(state: ServerState, meta: dict, status: int, result: dict | None) -> None:
+def _record(state: ServerState, meta: dict, status: int, result: GenResult | None) -> None:
     m, label, variant = state.metrics, meta["label"], meta["variant"] or ""
     m.requests.labels(label, variant, str(status)).inc()
-    if result is None:
+    if result is None or status != 200:
         m.errors.labels(label, variant, str(status)).inc()
         return
-    m.prompt_tokens.labels(label).inc(result["prompt_tokens"])
-    m.completion_tokens.labels(label).inc(result["completion_tokens"])
-    m.latency.labels(label, variant).observe(result["latency_s"])
-    m.ttft.labels(label).observe(result["ttft_s"])
+    m.prompt_tokens.labels(label).inc(result.prompt_tokens)
+    m.completion_tokens.labels(label).inc(result.completion_tokens)
+    m.latency.labels(label, variant).observe(result.latency_s)
+    m.ttft.labels(label).observe(result.ttft_s)
 
 
-def _final_body(meta: dict, result: dict, chat: bool) -> JSONResponse:
-    usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
-             "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
+def _final_body(meta: dict, result: GenResult, chat: bool) -> JSONResponse:
+    usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+             "total_tokens": result.prompt_tokens + result.completion_tokens}
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                  "finish_reason": result["finish_reason"], "logprobs": None}
+        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+                  "finish_reason": result.finish_reason, "logprobs": None}
     else:
-        choice = {"index": 0, "text": result["text"], "finish_reason": result["finish_reason"], "logprobs": None}
+        choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
     body = {"id": meta["id"], "object": "chat.completion" if chat else "text_completion", "created": meta["created"],
             "model": meta["model"], "choices": [choice], "usage": usage, "tunesmith_variant": meta["variant"]}
     return JSONResponse(body, headers={"x-tunesmith-variant": meta["variant"] or ""})
 
 
-def _stream(state: ServerState, gen: GenRequest, queue: asyncio.Queue, meta: dict, chat: bool) -> StreamingResponse:
+def _stream(state: ServerState, gen: GenRequest, queue: asyncio.Queue, meta: dict, chat: bool,
+            watcher: asyncio.Task) -> StreamingResponse:
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
@@ -250,23 +294,22 @@ def _stream(state: ServerState, gen: GenRequest, queue: asyncio.Queue, meta: dic
         try:
             if chat:
                 yield chunk(None, None, first=True)
-            while True:
-                kind, payload = await queue.get()
-                if kind == "token":
-                    yield chunk(payload, None)
-                elif kind == "done":
-                    _record(state, meta, 200, payload)
-                    yield chunk(None, payload["finish_reason"])
-                    break
-                else:
-                    status, message = payload
-                    _record(state, meta, status, None)
-                    err = {"error": {"message": message, "type": "server_error", "param": None, "code": status}}
-                    yield f"data: {json.dumps(err)}\n\n"
-                    break
+            while (event := await queue.get())[0] == "token":
+                yield chunk(event[1], None)
+            kind, payload = event
+            if kind == "done" and payload.finish_reason != "cancelled":
+                _record(state, meta, 200, payload)
+                yield chunk(None, payload.finish_reason)
+            else:
+                status, message = ((payload.status, payload.message) if kind == "error"
+                                   else (499, f"stream cancelled: {gen.cancel_reason}"))
+                _record(state, meta, status, None)
+                err = {"error": {"message": message, "type": "server_error", "param": None, "code": status}}
+                yield f"data: {json.dumps(err)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            gen.cancelled = True  # a client that went away stops costing decode steps
+            gen.cancel("the client went away")  # a client that went away stops costing decode steps
+            watcher.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"x-tunesmith-variant": meta["variant"] or "", "cache-control": "no-cache"})
@@ -310,7 +353,15 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="tunesmith serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
     app.add_middleware(BodyLimit, limit=state.max_body_bytes)
+    _error_handlers(app)
+    _generation_routes(app, state)
+    _info_routes(app, state)
+    _adapter_admin_routes(app, state)
+    _alias_admin_routes(app, state)
+    return app
 
+
+def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return error_body(exc.status, exc.message, exc.type, exc.code, exc.param)
@@ -322,6 +373,8 @@ def create_app(state: ServerState) -> FastAPI:
         return error_body(422, "; ".join(parts), "invalid_request_error", "invalid_value",
                           ".".join(str(p) for p in first if p != "body") or None)
 
+
+def _generation_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         _tenant(state, request)
@@ -336,6 +389,8 @@ def create_app(state: ServerState) -> FastAPI:
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         return await _run(state, request, body, list(ids), chat=True)
 
+
+def _info_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/models")
     async def models(request: Request):
         return {"object": "list", "data": _visible_models(state, _tenant(state, request))}
@@ -355,10 +410,10 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        engine = state.engine
+        stats = state.engine.stats()
         model = None if state.tenants.enabled else state.model_name  # unauthenticated: no paths when keyed
-        return {"status": "ok", "model": model, "running": len(engine.rows), "pending": len(engine.pending),
-                "steps": engine.steps, "auth": "api-keys" if state.tenants.enabled else "open-loopback"}
+        return {"status": "ok", "model": model, "running": stats["running"], "pending": stats["pending"],
+                "steps": stats["steps"], "auth": "api-keys" if state.tenants.enabled else "open-loopback"}
 
     @app.get("/metrics")
     async def metrics(request: Request):
@@ -369,24 +424,21 @@ def create_app(state: ServerState) -> FastAPI:
                 state.metrics.variant_weight.labels(alias, variant).set(weight)
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    _admin_routes(app, state)
-    return app
 
-
-def _admin_routes(app: FastAPI, state: ServerState) -> None:
+def _adapter_admin_routes(app: FastAPI, state: ServerState) -> None:
     engine = state.engine
 
     @app.get("/admin/adapters")
     async def list_adapters(request: Request):
         _admin(state, request)
-        hot = dict(engine.cache.hot)
         rows = []
-        for name in engine.cache.names():
-            spec = engine.cache.spec(name)
+        for name in engine.adapter_names():
+            spec = engine.adapter_spec(name)
             if spec is not None:
                 rows.append({"name": name, "path": str(spec.path), "source": spec.source, "rank": spec.rank,
-                             "modules": len(spec.modules), "tenant": state.tenants.owners.get(name), "hot": name in hot})
-        return {"adapters": rows, "cache": engine.cache.stats()}
+                             "modules": len(spec.modules), "tenant": state.tenants.owner(name),
+                             "hot": engine.is_hot(name), "base_check": spec.extra.get("base_check")})
+        return {"adapters": rows, "cache": engine.stats()}
 
     @app.post("/admin/adapters")
     async def load_adapter(body: AdapterBody, request: Request):
@@ -396,7 +448,7 @@ def _admin_routes(app: FastAPI, state: ServerState) -> None:
         except (AdapterError, ValueError) as exc:
             raise APIError(400, str(exc), code="adapter_refused", param="path") from None
         if body.tenant:
-            state.tenants.owners[body.name] = body.tenant
+            state.tenants.set_owner(body.name, body.tenant)
         return {"name": spec.name, "rank": spec.rank, "modules": len(spec.modules), "loaded": True}
 
     @app.delete("/admin/adapters/{name}")
@@ -406,6 +458,12 @@ def _admin_routes(app: FastAPI, state: ServerState) -> None:
             raise APIError(404, f"adapter '{name}' is not loaded", code="model_not_found")
         return {"name": name, "unloaded": True}
 
+
+def _alias_admin_routes(app: FastAPI, state: ServerState) -> None:
+    def known(alias: str) -> None:
+        if alias not in state.ab.weights:
+            raise APIError(404, f"no alias '{alias}'", code="alias_not_found")
+
     @app.get("/admin/aliases")
     async def list_aliases(request: Request):
         _admin(state, request)
@@ -414,7 +472,7 @@ def _admin_routes(app: FastAPI, state: ServerState) -> None:
     @app.put("/admin/aliases/{alias}")
     async def set_alias(alias: str, body: WeightsBody, request: Request):
         _admin(state, request)
-        unknown = [v for v in body.weights if v != BASE and engine.cache.spec(v) is None]
+        unknown = [v for v in body.weights if v != BASE and state.engine.adapter_spec(v) is None]
         if unknown:
             raise APIError(404, f"alias '{alias}': unknown variant(s) {unknown}", code="model_not_found")
         try:
@@ -422,14 +480,13 @@ def _admin_routes(app: FastAPI, state: ServerState) -> None:
         except ValueError as exc:
             raise APIError(422, str(exc), code="invalid_value", param="weights") from None
         if body.tenant:
-            state.tenants.owners[alias] = body.tenant
+            state.tenants.set_owner(alias, body.tenant)
         return {"alias": alias, "weights": state.ab.weights[alias]}
 
     @app.post("/admin/aliases/{alias}/promote")
     async def promote(alias: str, body: VariantBody, request: Request):
         _admin(state, request)
-        if alias not in state.ab.weights:
-            raise APIError(404, f"no alias '{alias}'", code="alias_not_found")
+        known(alias)
         try:
             state.ab.promote(alias, body.variant)
         except ValueError as exc:
@@ -439,8 +496,7 @@ def _admin_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/admin/aliases/{alias}/rollback")
     async def rollback(alias: str, request: Request):
         _admin(state, request)
-        if alias not in state.ab.weights:
-            raise APIError(404, f"no alias '{alias}'", code="alias_not_found")
+        known(alias)
         try:
             state.ab.rollback(alias)
         except ValueError as exc:

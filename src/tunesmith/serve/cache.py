@@ -45,6 +45,7 @@ class AdapterCache:
         self.specs: dict[str, AdapterSpec] = {}
         self.hot: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self.pins: dict[int, int] = {}  # slot -> running requests using it (a pinned slot is never reused)
+        self.pinned = 0  # sum of pins, kept as one int so other threads can read it while the engine thread writes
         self._invalid: set[str] = set()  # names whose hot copy must go (unloaded or re-pointed), applied in poll()
         self.loading: dict[str, Future] = {}
         self.failed: dict[str, str] = {}  # name -> load error, reported to the requests waiting for it
@@ -84,6 +85,9 @@ class AdapterCache:
         with self._lock:
             return self.specs.get(name)
 
+    def is_hot(self, name: str) -> bool:
+        return name in self.hot  # one dict lookup: safe to call while the engine thread edits `hot`
+
     # ---------------------------------------------------------------- engine thread
     def acquire(self, name: str, first_try: bool) -> int | None:
         """Slot for `name` pinned for one request, or None while it loads (a load is started on a miss)."""
@@ -93,6 +97,7 @@ class AdapterCache:
             self.hot.move_to_end(name)
             slot = self.hot[name]
             self.pins[slot] = self.pins.get(slot, 0) + 1
+            self.pinned += 1
             return slot
         if first_try:
             self.counters["misses"] += 1
@@ -104,6 +109,7 @@ class AdapterCache:
         return None
 
     def release(self, slot: int) -> None:
+        self.pinned -= 1
         self.pins[slot] -= 1
         if self.pins[slot] == 0:
             del self.pins[slot]
@@ -192,7 +198,7 @@ class AdapterCache:
 
     def stats(self) -> dict:
         return {**self.counters, "hot": len(self.hot), "registered": len(self.specs), "loading": len(self.loading),
-                "slot_bytes": self._slot_bytes(), "budget_bytes": self.budget_bytes}
+                "pinned": self.pinned, "slot_bytes": self._slot_bytes(), "budget_bytes": self.budget_bytes}
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)

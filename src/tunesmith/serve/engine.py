@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,16 +26,38 @@ from tunesmith.serve import kv
 from tunesmith.serve.adapters import AdapterSpec, inspect_adapter
 from tunesmith.serve.batched_lora import BatchContext, linear_shapes
 from tunesmith.serve.cache import AdapterCache
+from tunesmith.serve.identity import BaseIdentity
 from tunesmith.serve.segments import BASE_SLOT, left_pad, route
 
 BASE = "base"
 _ids = itertools.count()
 
 
+@dataclass(frozen=True)
+class GenResult:
+    """What a finished request produced: the payload of its "done" event and what `Engine.generate` returns."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (eos or a stop string), "length", or "cancelled" (see GenRequest.cancel)
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float  # submit to last token
+    ttft_s: float  # submit to first token
+
+
+@dataclass(frozen=True)
+class GenError:
+    """A request that failed: the payload of its "error" event. `status` is the HTTP status the API answers."""
+
+    status: int
+    message: str
+
+
 @dataclass
 class GenRequest:
     """One generation request. `on_event(kind, payload)` is called on the engine thread:
-    ("token", text_delta) while generating, then ("done", result dict) or ("error", (status, message))."""
+    ("token", text_delta) while generating, then ("done", GenResult) or ("error", GenError)."""
 
     prompt_ids: list[int]
     adapter: str | None = None  # None or "base" = the base model alone
@@ -50,16 +73,24 @@ class GenRequest:
     emitted: int = 0
     slot: int = BASE_SLOT
     tried: bool = False
-    cancelled: bool = False  # set by the API when a streaming client goes away
+    cancelled: bool = False  # set through cancel(), from any thread; the engine drops the row at its next step
+    cancel_reason: str = ""
     ignore_eos: bool = False  # benchmarks: always generate max_tokens (same work in every compared mode)
     generator: torch.Generator | None = None
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
 
+    def cancel(self, reason: str) -> None:
+        """Stop generating (the client went away or stopped reading): the row and its adapter pin are freed at the
+        engine's next step, and the request finishes with finish_reason "cancelled"."""
+        self.cancel_reason = self.cancel_reason or reason
+        self.cancelled = True
+
 
 class Engine:
     def __init__(self, model, tokenizer, *, cache_budget_bytes: int = 512 << 20, max_batch_size: int = 32,
-                 max_model_len: int | None = None, base_names: set[str] | None = None, on_step=None) -> None:
+                 max_model_len: int | None = None, base_names: set[str] | None = None,
+                 base: BaseIdentity | None = None, allow_base_mismatch: bool = False, on_step=None) -> None:
         self.model = model.eval()
         kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers} - {DynamicLayer.__name__}
         if kinds:  # kv.merge/keep_rows edit full-attention layers; sliding or hybrid layers would need their own
@@ -71,7 +102,11 @@ class Engine:
         self.cache = AdapterCache(model, self.context, cache_budget_bytes)
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len or int(getattr(model.config, "max_position_embeddings", 2048))
-        self.base_names = set(base_names or ()) | {str(getattr(model.config, "_name_or_path", "") or "")} - {""}
+        if base is None:  # named only: its local folder (for the fingerprint) is the first name that is a model folder
+            names = set(base_names or ()) | {str(getattr(model.config, "_name_or_path", "") or "")} - {""}
+            base = BaseIdentity.of(*sorted(names, key=lambda n: not Path(n).is_dir())) if names else BaseIdentity(set())
+        self.base = base
+        self.allow_base_mismatch = allow_base_mismatch
         self.shapes = linear_shapes(model)
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if isinstance(eos, list) else [eos]
@@ -83,6 +118,7 @@ class Engine:
         self.kv_cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None
         self.steps = 0
+        self.cancelled = 0  # requests finished by cancel() (client gone or too slow)
         self._last_slots: list[int] = []
         self._route = None
         self._cond = threading.Condition()
@@ -95,13 +131,29 @@ class Engine:
         """Check an adapter against the base (config, safetensors, shapes) and register it (cold until used)."""
         if name == BASE:
             raise ValueError("the adapter name 'base' is reserved for the base model")
-        spec = inspect_adapter(name, path, self.shapes, self.base_names)
+        spec = inspect_adapter(name, path, self.shapes, self.base, self.allow_base_mismatch)
         spec.tenant, spec.source = tenant, source or str(path)
         self.cache.register(spec)
         return spec
 
     def remove_adapter(self, name: str) -> bool:
         return self.cache.unregister(name)
+
+    def adapter_names(self) -> list[str]:
+        return self.cache.names()
+
+    def adapter_spec(self, name: str) -> AdapterSpec | None:
+        return self.cache.spec(name)
+
+    def is_hot(self, name: str) -> bool:
+        """Whether the adapter currently sits in a cache slot (a snapshot: the engine thread may change it)."""
+        return self.cache.is_hot(name)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for /health and /metrics, readable from any thread: running rows, waiting requests, adapter
+        pins held by running rows, requests cancelled so far, forward passes, plus the adapter cache's counters."""
+        return {**self.cache.stats(), "running": len(self.rows), "pending": len(self.pending),
+                "cancelled": self.cancelled, "steps": self.steps}
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: GenRequest) -> GenRequest:
@@ -116,15 +168,15 @@ class Engine:
             self._cond.notify()
         return request
 
-    def generate(self, requests: list[GenRequest], timeout: float = 120.0) -> list[dict]:
-        """Blocking helper (tests, benchmarks): submit all, wait for all; returns each request's result dict."""
+    def generate(self, requests: list[GenRequest], timeout: float = 120.0) -> list[GenResult | GenError]:
+        """Blocking helper (tests, benchmarks): submit all, wait for all; returns each request's GenResult/GenError."""
         results: list[Any] = [None] * len(requests)
         done = threading.Semaphore(0)
 
         def hook(i):
             def on_event(kind, payload):
                 if kind in ("done", "error"):
-                    results[i] = payload if kind == "done" else {"error": payload}
+                    results[i] = payload
                     done.release()
             return on_event
 
@@ -174,6 +226,9 @@ class Engine:
             self.pending.clear()
         keep: list[GenRequest] = []
         for request in waiting:
+            if request.cancelled:  # gone before it started: never prefilled
+                self._finish(request, "cancelled", "")
+                continue
             if len(self.rows) + len(joiners) >= self.max_batch_size:
                 keep.append(request)
                 continue
@@ -295,21 +350,24 @@ class Engine:
         if text is None:
             text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
             self._emit(request, text, final=True)
-        if request.slot != BASE_SLOT:
-            self.cache.release(request.slot)
-            request.slot = BASE_SLOT
-        request.on_event("done", {
-            "text": text, "token_ids": list(request.generated), "finish_reason": reason,
-            "prompt_tokens": len(request.prompt_ids), "completion_tokens": len(request.generated),
-            "latency_s": time.perf_counter() - request.submitted,
-            "ttft_s": (request.first_token or time.perf_counter()) - request.submitted,
-        })
+        self._unpin(request)
+        if reason == "cancelled":
+            self.cancelled += 1
+        now = time.perf_counter()
+        request.on_event("done", GenResult(
+            text=text, token_ids=list(request.generated), finish_reason=reason,
+            prompt_tokens=len(request.prompt_ids), completion_tokens=len(request.generated),
+            latency_s=now - request.submitted, ttft_s=(request.first_token or now) - request.submitted,
+        ))
 
     def _finish_error(self, request: GenRequest, status: int, message: str) -> None:
+        self._unpin(request)
+        request.on_event("error", GenError(status, message))
+
+    def _unpin(self, request: GenRequest) -> None:
         if request.slot != BASE_SLOT:
             self.cache.release(request.slot)
             request.slot = BASE_SLOT
-        request.on_event("error", (status, message))
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:

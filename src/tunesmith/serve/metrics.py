@@ -10,7 +10,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class ServeMetrics:
-    def __init__(self, cache_stats=None) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("tunesmith_requests", "Requests by model/adapter, A/B variant and HTTP status",
@@ -29,15 +29,17 @@ class ServeMetrics:
         self.feedback_score = Counter("tunesmith_feedback_score_sum", "Sum of feedback scores",
                                       ["alias", "variant"], registry=r)
         self.variant_weight = Gauge("tunesmith_ab_weight", "Current A/B weight", ["alias", "variant"], registry=r)
-        if cache_stats is not None:
-            r.register(_CacheCollector(cache_stats))
+
+    def watch_engine(self, stats) -> None:
+        """Export `stats()` (Engine.stats: adapter cache and engine counters) at every scrape."""
+        self.registry.register(_EngineCollector(stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class _CacheCollector:
-    """Reads the adapter cache counters at scrape time (they live on the engine thread)."""
+class _EngineCollector:
+    """Reads the engine's and adapter cache's counters at scrape time (they live on the engine thread)."""
 
     def __init__(self, stats) -> None:
         self.stats = stats
@@ -48,7 +50,14 @@ class _CacheCollector:
             c = CounterMetricFamily(f"tunesmith_adapter_cache_{key}", f"Adapter cache {key}")
             c.add_metric([], stats[key])
             yield c
-        for key in ("hot", "registered", "loading", "slot_bytes", "budget_bytes"):
+        for key in ("hot", "registered", "loading", "pinned", "slot_bytes", "budget_bytes"):
             g = GaugeMetricFamily(f"tunesmith_adapter_cache_{key}", f"Adapter cache {key}")
+            g.add_metric([], stats[key])
+            yield g
+        c = CounterMetricFamily("tunesmith_cancelled_requests", "Requests cancelled (client gone or too slow)")
+        c.add_metric([], stats["cancelled"])
+        yield c
+        for key, help_text in (("running", "Rows in the running batch"), ("pending", "Requests waiting to start")):
+            g = GaugeMetricFamily(f"tunesmith_{key}_requests", help_text)
             g.add_metric([], stats[key])
             yield g

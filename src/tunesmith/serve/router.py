@@ -24,10 +24,12 @@ from pathlib import Path
 
 import yaml
 
+from tunesmith.errors import UsageError
+
 OPEN = "*"  # the tenant of every request when no tenants file is given (loopback only)
 
 
-class TenantsError(ValueError):
+class TenantsError(UsageError):
     pass
 
 
@@ -50,6 +52,17 @@ class Tenants:
             if hmac.compare_digest(candidate, known) and found is None:
                 found = tenant
         return found
+
+    def owner(self, name: str) -> str | None:
+        """The tenant owning an adapter or alias, or None when it is shared."""
+        return self.owners.get(name)
+
+    def set_owner(self, name: str, tenant: str | None) -> None:
+        """Give `name` to `tenant` (None: shared with every tenant)."""
+        if tenant is None:
+            self.owners.pop(name, None)
+        else:
+            self.owners[name] = tenant
 
     def may_use(self, tenant: str, name: str) -> bool:
         owner = self.owners.get(name)

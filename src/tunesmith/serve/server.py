@@ -8,6 +8,7 @@ dropped between steps and the new weights load on the next request), so a promot
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from tunesmith.serve.api import ServerState, create_app
 from tunesmith.serve.cache import parse_bytes
 from tunesmith.serve.config import ServeConfig
 from tunesmith.serve.engine import BASE, Engine
+from tunesmith.serve.identity import BaseIdentity
 from tunesmith.serve.metrics import ServeMetrics
 from tunesmith.serve.router import ABRouter, load_tenants
 
@@ -33,14 +35,13 @@ def resolve_adapter_source(source: str, registry_url: str | None) -> Path:
     return Path(resolve_alias(source[len(REGISTRY_PREFIX):], url=registry_url))
 
 
-def base_names(config: ServeConfig, model) -> set[str]:
-    """Every name the base goes by, for matching adapters' base_model_name_or_path."""
+def base_identity(config: ServeConfig, model) -> BaseIdentity:
+    """The server's base: every name it goes by and its local folder (identity.py matches adapters against it)."""
     from tunesmith.models.load import resolve_source
 
-    names = {config.model, config.model.rstrip("/")}
+    names = set()
     try:
-        source = resolve_source(ModelConfig(name_or_path=config.model), log=lambda *_: None)
-        names |= {source, str(Path(source).resolve())}
+        names.add(resolve_source(ModelConfig(name_or_path=config.model), log=lambda *_: None))
     except Exception:  # an unresolvable id is caught by load_model already
         pass
     name_or_path = getattr(model.config, "_name_or_path", None)
@@ -49,7 +50,7 @@ def base_names(config: ServeConfig, model) -> set[str]:
     path = Path(config.model).expanduser()
     if path.exists():
         names.add(str(path.resolve()))
-    return names
+    return BaseIdentity.of(config.model, *sorted(names))
 
 
 def build_state(config: ServeConfig, log_fn=print, model=None, tokenizer=None) -> ServerState:
@@ -68,9 +69,10 @@ def build_state(config: ServeConfig, log_fn=print, model=None, tokenizer=None) -
     except ValueError as exc:
         raise ConfigError(f"--cache-budget: {exc}") from None
     engine = Engine(model, tokenizer, cache_budget_bytes=budget, max_batch_size=config.max_batch_size,
-                    max_model_len=config.max_model_len, base_names=base_names(config, model),
+                    max_model_len=config.max_model_len, base=base_identity(config, model),
+                    allow_base_mismatch=config.allow_base_mismatch,
                     on_step=lambda n: metrics.batch_size.observe(n))
-    metrics.registry.register(_cache_collector(engine))
+    metrics.watch_engine(engine.stats)
     tenants = load_tenants(config.tenants)
     from tunesmith.serve.adapters import AdapterError
 
@@ -88,7 +90,7 @@ def build_state(config: ServeConfig, log_fn=print, model=None, tokenizer=None) -
             raise ConfigError(f"aliases.{alias}: unknown variant(s) {unknown}; variants must be adapters or 'base'")
         ab.set_weights(alias, weights)
     for alias, tenant in config.alias_tenants.items():
-        tenants.owners[alias] = tenant
+        tenants.set_owner(alias, tenant)
     admin_key = None
     if config.admin_key_file:
         try:
@@ -98,14 +100,9 @@ def build_state(config: ServeConfig, log_fn=print, model=None, tokenizer=None) -
         if len(admin_key) < 8:
             raise ConfigError(f"--admin-key-file {config.admin_key_file}: the key must have 8+ characters")
     state = ServerState(engine=engine, tenants=tenants, ab=ab, metrics=metrics, admin_key=admin_key,
-                        model_name=config.model, max_body_bytes=config.max_body_bytes)
+                        model_name=config.model, max_body_bytes=config.max_body_bytes,
+                        max_stream_backlog=config.max_stream_backlog)
     return state
-
-
-def _cache_collector(engine: Engine):
-    from tunesmith.serve.metrics import _CacheCollector
-
-    return _CacheCollector(engine.cache.stats)
 
 
 def start_registry_refresh(state: ServerState, config: ServeConfig, stop: threading.Event) -> threading.Thread | None:
@@ -129,7 +126,7 @@ def refresh_registry_adapters(state: ServerState, watched: dict[str, str], regis
     for name, source in watched.items():
         try:
             path = resolve_adapter_source(source, registry_url)
-            spec = state.engine.cache.spec(name)
+            spec = state.engine.adapter_spec(name)
             if spec is None or Path(spec.path) != path:
                 state.engine.add_adapter(name, path, source=source)
                 moved.append(name)
@@ -150,7 +147,12 @@ def serve(config: ServeConfig, log_fn=print) -> None:
     stop = threading.Event()
     start_registry_refresh(state, config, stop)
     try:
-        uvicorn.run(create_app(state), host=config.host, port=config.port, log_level="warning", access_log=False)
+        settings = uvicorn.Config(create_app(state), host=config.host, port=config.port, log_level="warning",
+                                  access_log=False)
+        sock = settings.bind_socket()
+        if config.send_buffer_bytes:  # accepted connections inherit it from the listening socket (Linux, BSD)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.send_buffer_bytes)
+        uvicorn.Server(settings).run(sockets=[sock])
     finally:
         stop.set()
         state.engine.close()

@@ -11,13 +11,14 @@ import ipaddress
 import sys
 from pathlib import Path
 
+from tunesmith.errors import UsageError
 from tunesmith.ui.sources import Catalog
 
 LOOPBACK_NAMES = ("localhost",)
 MIN_KEY_CHARS = 8
 
 
-class UIConfigError(ValueError):
+class UIConfigError(UsageError):
     """A bad `tunesmith ui` flag, phrased for a person (cli.main prints it as `error: ...`)."""
 
 

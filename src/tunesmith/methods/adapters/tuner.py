@@ -125,9 +125,3 @@ def load_adapter_state(model: nn.Module, name: str, state: dict[str, torch.Tenso
     with torch.no_grad():
         for key, tensor in renamed.items():
             params[key].copy_(tensor.to(params[key].device, params[key].dtype))
-
-
-def bottleneck_trainable_count(layers: int, hidden: int, reduction_factor: int) -> int:
-    """layers * 2 * (d*m + m + m*d + d), m = d // reduction_factor."""
-    m = hidden // reduction_factor
-    return layers * 2 * (hidden * m + m + m * hidden + hidden)
