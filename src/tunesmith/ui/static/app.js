@@ -250,7 +250,14 @@ async function loadData() {
     const cols = [...new Set(Object.values(d.render).flatMap((r) => Object.keys(r).filter((k) => !Array.isArray(r[k]))))];
     parts.push(el("h2", {}, "Rendering (truncation)"), kvTable(Object.entries(d.render).map(([s, r]) => [s, ...cols.map((c) => r[c])]), ["split", ...cols]));
   }
-  if (d.mixture) parts.push(el("h2", {}, "Realised mixture"), kvTable(Object.entries(d.mixture).map(([k, v]) => [k, v])));
+  if (d.mixture) {
+    parts.push(el("h2", {}, `Realised mixture (${fmt(d.mixture.total)} records, seed ${fmt(d.mixture.seed)})`),
+      kvTable(d.mixture.tasks.map((t) => [t.task, ...d.mixture.columns.map((c) => t[c])]), ["task", ...d.mixture.columns]),
+      el("p", { class: "muted" }, `sampling: ${fmt(d.mixture.sampling)}`));
+    if (Object.keys(d.mixture.replayed_from).length) {
+      parts.push(kvTable(Object.entries(d.mixture.replayed_from), ["replayed from", "records"]));
+    }
+  }
   if (!d.prepared) {
     parts.push(el("p", { class: "muted" }, "this run did not prepare its data (data.prepare: false): no quarantine, PII or cluster report"));
   } else {
