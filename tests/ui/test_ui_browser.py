@@ -106,6 +106,12 @@ def test_dashboard_in_a_real_browser(browser, served, tmp_path, capsys):
     with (served["live"] / "metrics.jsonl").open("a") as handle:  # the live run logs a step: the table follows
         handle.write(json.dumps({"step": 5, "train_loss": 0.4321, "lr": 1e-4, "epoch": 0.8, "tokens": 640}) + "\n")
     wait.until(lambda d: "0.43210" in d.find_element(By.CSS_SELECTOR, '#runs-table tr[data-id="dir:live"]').text)
+    first_row = 'return document.querySelector("#runs-table tbody tr").dataset.id'
+    browser.find_element(By.CSS_SELECTOR, '#runs-table th[data-key="name"]').click()  # sorted by name: now descending
+    wait.until(lambda d: d.execute_script(first_row) == "dir:live")
+    browser.find_element(By.CSS_SELECTOR, '#runs-table th[data-key="m:test.exact_match"]').click()
+    wait.until(lambda d: d.execute_script(first_row) == "beta@1")  # 0.667 < 1.0 < the markup string
+    browser.find_element(By.CSS_SELECTOR, '#runs-table th[data-key="name"]').click()
     browser.find_element(By.ID, "filter").send_keys("beta")
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#runs-table tbody tr")) == 1)
     browser.find_element(By.ID, "filter").clear()

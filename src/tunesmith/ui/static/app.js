@@ -79,6 +79,7 @@ function compareValues(a, b) {
   if (a === null || a === undefined || a === "") return 1;
   if (b === null || b === undefined || b === "") return -1;
   if (typeof a === "number" && typeof b === "number") return a - b;
+  if (typeof a === "number" || typeof b === "number") return typeof a === "number" ? -1 : 1;  // numbers first
   return String(a).localeCompare(String(b), undefined, { numeric: true });
 }
 
@@ -335,6 +336,7 @@ function route() {
 
 async function poll() {
   // Live runs: metrics.jsonl grows while they train; re-read the table, and the curves of a live comparison.
+  if (document.hidden) return;
   try {
     if (state.view === "runs" || state.runs.some((r) => r.live)) await loadRuns();
     if (state.view === "compare" && state.compare && state.compare.runs.some((r) => r.live)) await loadCompare();
