@@ -53,6 +53,14 @@ function qs(params) {
   return search.toString();
 }
 
+const tickets = {};
+async function latest(name, promise) {
+  // Only the newest request of each kind may draw: an older answer arriving late is dropped.
+  const ticket = (tickets[name] = (tickets[name] || 0) + 1);
+  const value = await promise;
+  return ticket === tickets[name] ? value : null;
+}
+
 function fillSelect(select, options, keep, defaultIndex) {
   const signature = JSON.stringify(options);
   if (select.dataset.options === signature) return;  // unchanged: leave the DOM (and an open dropdown) alone
@@ -105,7 +113,8 @@ function renderRuns() {
 }
 
 async function loadRuns() {
-  const data = await api("/api/runs");
+  const data = await latest("runs", api("/api/runs"));
+  if (!data) return null;
   const signature = JSON.stringify(data);
   if (signature === state.runsSignature) return data;  // a poll that found nothing new redraws nothing
   state.runsSignature = signature;
@@ -195,7 +204,9 @@ function renderCompare() {
 async function loadCompare() {
   if (state.compareIds.length < 2) { say("select two or more runs in the Runs view, then Compare selected"); return; }
   const x = document.getElementById("x-axis").value;
-  state.compare = await api("/api/compare?" + qs([...state.compareIds.map((id) => ["id", id]), ["x", x]]));
+  const data = await latest("compare", api("/api/compare?" + qs([...state.compareIds.map((id) => ["id", id]), ["x", x]])));
+  if (!data) return;
+  state.compare = data;
   renderCompare();
 }
 
@@ -211,7 +222,8 @@ async function loadExamples(split) {
   if (!a || !b || a === b) { say("choose two different runs"); return; }
   const params = [["a", a], ["b", b]];
   if (split) params.push(["split", split]);
-  const data = await api("/api/examples?" + qs(params));
+  const data = await latest("examples", api("/api/examples?" + qs(params)));
+  if (!data) return;
   fillSelect(document.getElementById("ex-split"), data.splits.map((s) => [s, s]), false);
   document.getElementById("ex-split").value = data.split;
   document.getElementById("ex-summary").textContent =
@@ -242,7 +254,8 @@ function barChart(node, name, xs, ys, label) {
 async function loadData() {
   const id = document.getElementById("data-run").value;
   if (!id) return;
-  const d = await api("/api/data?" + qs([["id", id]]));
+  const d = await latest("data", api("/api/data?" + qs([["id", id]])));
+  if (!d) return;
   const body = document.getElementById("data-body");
   const parts = [el("p", {}, `snapshot hash ${d.hash || "-"}`)];
   parts.push(el("h2", {}, "Files"), kvTable(d.files.map((f) => [f.path || f, f.split || "", f.records ?? ""]), ["file", "split", "records"]));
