@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tunesmith.train.run import run_training
+from tunesmith.recipes.finetune import run_finetune as run_training
 
 from tests.train.conftest import read_metrics
 from tests.train.procs import rank_pid, run_train, sigkill, start_train, wait_for, write_config
