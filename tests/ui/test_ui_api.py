@@ -184,7 +184,9 @@ def test_data_report(client):
     assert {c["count"]: c["records"] for c in body["counts"]}["quarantined"] == 2
     assert body["quarantine_reasons"] == {"empty_field": 2} and body["pii"] == {"EMAIL": 3}
     assert body["clusters"]["sizes"] == [30, 10] and body["lengths"]["before_trim"]["p90"] == 7
-    assert body["mixture"]["general"]["share"] == 0.25
+    tasks = {t["task"]: t for t in body["mixture"]["tasks"]}
+    assert tasks["general"]["realised_share"] == 0.25 and tasks["contracts"]["drawn"] == 30
+    assert sum(t["drawn"] for t in tasks.values()) == body["mixture"]["total"]
     plain = client.get("/api/data", params={"id": "beta@1"}).json()
     assert not plain["prepared"] and plain["records"] == {"train_records": 40}
 
