@@ -457,6 +457,7 @@ def main(argv=None) -> int:
         for kind in order:
             rotation[kind] = run_child(kind, args)
             x = rotation[kind]
+            print(json.dumps({"rotation": r + 1, "side": kind, **x}), flush=True)  # each side's record, as it ends
             print(f"rotation {r + 1} {kind:9s} {x['useful_tokens']:7d} useful tokens in {x['seconds']:7.2f}s = "
                   f"{x['useful_tokens_per_second']:8.1f} tok/s; {x['achieved_flops'] / 1e9:6.1f} GFLOP/s = "
                   f"{100 * x['utilisation']:4.1f}% of the matmul peak {x['matmul_peak_flops'] / 1e9:.1f}; "
