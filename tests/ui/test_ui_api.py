@@ -347,3 +347,21 @@ def test_a_diverged_run_with_nan_and_inf_still_renders(tmp_path):
 def _last_finite(run) -> float:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["train_loss"] for r in rows if isinstance(r["train_loss"], float) and abs(r["train_loss"]) < 1e9][-1]
+
+
+def test_examples_with_equal_outputs_but_different_scores_count_as_differing(tmp_path):
+    """Same prediction, different score (e.g. a metric option changed between evaluations): shown too."""
+    from tests.ui.conftest import write_run
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    write_run(runs, "one", 1e-4, ["12", "7", "30"])
+    other = write_run(runs, "two", 1e-4, ["12", "7", "30"])
+    evaluated = json.loads((other / "eval.json").read_text())
+    evaluated["models"]["tuned"]["test"]["examples"][2]["scores"]["exact_match"] = 0.5
+    (other / "eval.json").write_text(json.dumps(evaluated))
+    client = TestClient(create_app(Catalog(str(tmp_path / "registry.db"), runs)))
+    body = client.get("/api/examples", params={"a": "dir:one", "b": "dir:two", "split": "test"}).json()
+    assert body["differing_count"] == 1 and body["differing"][0]["reference"] == "30"
+    assert body["differing"][0]["a"]["prediction"] == body["differing"][0]["b"]["prediction"] == "30"
+    assert client.get("/api/examples", params={"a": "dir:one", "b": "dir:two", "split": "dev"}).status_code == 404
