@@ -200,7 +200,10 @@ def test_registry_actions_land_in_the_alias_history_like_the_cli(admin_setup, ca
                       headers={"Authorization": "Bearer wrong-key-123"})
     assert bad.status_code == 401
     auth = {"Authorization": f"Bearer {KEY}"}
+    table = lambda: {r["id"]: r for r in client.get("/api/runs").json()["runs"]}  # noqa: E731
+    assert table()["alpha@1"]["aliases"] == []  # read (and cached) before the promote
     assert client.post("/api/admin/promote", json={"ref": "alpha@1", "alias": "production"}, headers=auth).json()["ref"] == "alpha@1"
+    assert (table()["alpha@1"]["aliases"], table()["alpha@1"]["status"]) == (["production"], "promoted")
     assert client.post("/api/admin/promote", json={"ref": "beta@1", "alias": "production"}, headers=auth).status_code == 200
     # the same step through the CLI, then a UI rollback: one history, in order
     cli_json(capsys, "runs", "promote", "alpha@1", "--alias", "staging", "--registry", url, "--json")
@@ -212,6 +215,7 @@ def test_registry_actions_land_in_the_alias_history_like_the_cli(admin_setup, ca
     refused = client.post("/api/admin/archive", json={"ref": "alpha@1"}, headers=auth)
     assert refused.status_code == 409 and "serves alias" in refused.json()["error"]
     assert client.post("/api/admin/archive", json={"ref": "beta@1"}, headers=auth).json()["status"] == "archived"
+    assert table()["beta@1"]["status"] == "archived"
     listed = cli_json(capsys, "runs", "list", "--registry", url, "--json")
     assert "beta@1" not in [r["ref"] for r in listed]
 
