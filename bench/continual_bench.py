@@ -106,8 +106,8 @@ class Bench:
         import torch
         from transformers import set_seed
 
-        from tunesmith.config import LoraOptions, MethodConfig, ModelConfig
-        from tunesmith.methods.lora import lora_config
+        from tunesmith.config import MethodConfig, ModelConfig
+        from tunesmith.methods.lora import LoraOptions, lora_config
         from tunesmith.models.load import load_tokenizer
 
         torch.set_num_threads(args.threads)

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tunesmith.recipes.finetune import run_finetune as run_training
 
 from tests.train.conftest import read_metrics
 from tests.train.procs import (
@@ -31,6 +30,7 @@ from tests.train.procs import (
     wait_for,
     write_config,
 )
+from tunesmith.recipes.finetune import run_finetune
 from tunesmith.train.checkpoint import PAUSE_ENV
 
 STEPS = ["train.max_steps=6", "train.eval_steps=1", "train.save_steps=2", "method.lora.dropout=0.1"]
@@ -55,7 +55,7 @@ def test_sigkill_inside_a_checkpoint_write_and_a_second_process_on_the_directory
     2, and the finished run equals an uninterrupted one. While the first process lives, a second is refused; once
     it is killed, the lock is gone. ~40 s."""
     straight = make_config(*STEPS, name="straight")
-    run_training(straight, log=quiet)
+    run_finetune(straight, log=quiet)
     root = Path(straight.output.dir)
     config_path = write_config(tmp_path / "killed.yaml", make_config(*STEPS, name="killed"))
     run_dir = root / "killed"
@@ -88,7 +88,7 @@ def test_sigkill_at_random_moments(make_config, tmp_path):
     the end. Whatever the moment (start-up, mid-step, mid-checkpoint), the run equals an uninterrupted one.
     ~90 s."""
     straight = make_config(*STEPS, "train.save_steps=1", name="straight")
-    run_training(straight, log=quiet)
+    run_finetune(straight, log=quiet)
     root = Path(straight.output.dir)
     config_path = write_config(tmp_path / "killed.yaml", make_config(*STEPS, "train.save_steps=1", name="killed"))
     run_dir = root / "killed"
@@ -115,7 +115,7 @@ def test_resume_on_another_number_of_processes(make_config, tmp_path, before, af
     curve and adapter equal an uninterrupted single-process run (1e-5). ~60 s each."""
     common = ["train.max_steps=5", "train.eval_steps=1", "train.save_steps=2", "train.precision=fp32"]
     straight = make_config("train.batch_size=4", *common, name="straight")
-    run_training(straight, log=quiet)
+    run_finetune(straight, log=quiet)
     root = Path(straight.output.dir)
     run_dir = root / "moved"
     configs = {n: write_config(tmp_path / f"moved{n}.yaml", make_config(f"train.batch_size={4 // n}", *common,

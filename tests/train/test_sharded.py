@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tunesmith.recipes.finetune import run_finetune as run_training
 
 from tests.train.conftest import read_metrics
 from tests.train.procs import rank_pid, run_train, sigkill, start_train, wait_for, write_config
+from tunesmith.recipes.finetune import run_finetune
 
 FP32 = "train.precision=fp32"  # bf16 autocast on one side and FSDP's bf16 parameter gather on the other would differ
 
@@ -46,7 +46,7 @@ def test_fsdp_on_two_processes_equals_one_process(make_config, tmp_path, method)
     if method == "full":
         steps.append("train.learning_rate=1e-3")
     single = make_config("train.batch_size=4", *steps, name="single")
-    run_training(single, log=quiet)
+    run_finetune(single, log=quiet)
     sharded = make_config("train.batch_size=2", "train.sharding=fsdp", *steps, name="fsdp")
     result = run_train(write_config(tmp_path / "fsdp.yaml", sharded), nproc=2)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -90,7 +90,7 @@ def test_kill_one_rank_then_resume_from_the_sharded_checkpoint(make_config, tmp_
     single-process run's. ~70 s each."""
     steps = ["train.max_steps=5", "train.eval_steps=1", "train.save_steps=2", FP32]
     single = make_config("train.batch_size=4", *steps, name="single")
-    run_training(single, log=quiet)
+    run_finetune(single, log=quiet)
     killed = make_config("train.batch_size=2", "train.sharding=fsdp", *steps, name="killed")
     config_path = write_config(tmp_path / "killed.yaml", killed)
     root = Path(single.output.dir)
@@ -114,7 +114,7 @@ def test_fsdp_on_two_gpus_equals_one_gpu(make_config, tmp_path):
     """The same comparison on 2 CUDA devices (NCCL, where FSDP2's AVG reduction is native)."""
     steps = ["train.max_steps=3", "train.eval_steps=3", FP32]
     single = make_config("train.batch_size=4", *steps, name="single")
-    run_training(single, log=quiet)
+    run_finetune(single, log=quiet)
     sharded = make_config("train.batch_size=2", "train.sharding=fsdp", *steps, name="fsdp")
     result = run_train(write_config(tmp_path / "fsdp.yaml", sharded), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -155,7 +155,17 @@ def gathered_state(model, full_model: bool) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not full_model)
-    return get_model_state_dict(model, options=options)
+    state = get_model_state_dict(model, options=options)
+    # Tied parameters (embedding = head) come back as two separate tensors; alias them again as model.state_dict()
+    # does, so that save_pretrained recognises the tie and writes the weight once, exactly as an unsharded run.
+    names_by_param: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_by_param.setdefault(id(param), []).append(name)
+    for names in names_by_param.values():
+        present = [n for n in names if n in state]
+        for name in present[1:]:
+            state[name] = state[present[0]]
+    return state
 
 
 @contextlib.contextmanager
