@@ -106,15 +106,15 @@ class Bench:
         import torch
         from transformers import set_seed
 
-        from tunesmith.config import LoraOptions, MethodConfig, ModelConfig
+        from tunesmith.config import MethodConfig, ModelConfig
         from tunesmith.methods.lora import lora_config
         from tunesmith.models.load import load_tokenizer
 
         torch.set_num_threads(args.threads)
         self.args, self.work, self.set_seed = args, work, set_seed
         self.model_config = ModelConfig(name_or_path=args.model)
-        self.lora = lora_config(MethodConfig(name="lora", lora=LoraOptions(r=args.rank, alpha=2 * args.rank,
-                                                                             dropout=0.05)))
+        self.lora = lora_config(MethodConfig.model_validate(
+            {"name": "lora", "lora": {"r": args.rank, "alpha": 2 * args.rank, "dropout": 0.05}}))
         self.tokenizer = load_tokenizer(self.model_config, log=lambda *a: None)
         self.tasks = self._load_tasks()
         self.seconds: dict[str, float] = {}
@@ -226,18 +226,29 @@ class Bench:
         if "ewc" in R:
             extra["ewc"] = self._fisher_after(model, 0, None)
         del model
-        for name in [n for n in ("seq", "replay", "ewc") if n in R]:
-            forgetting[name] = getattr(self, f"_run_{name}")(R[name], first, extra)
+        done: list[str] = []
+
+        def finished(name: str) -> None:  # partial results survive a run that is stopped early
+            done.append(name)
+            partial = self._result(base_row, {n: R[n] for n in done}, reused, forgetting, extra)
+            (self.work / "partial.json").write_text(json.dumps(partial, default=str))
+
+        for name in [n for n in ("seq", "joint", "replay", "ewc") if n in R]:
+            if name == "joint":
+                forgetting[name] = self._run_joint(R[name])
+            else:
+                forgetting[name] = getattr(self, f"_run_{name}")(R[name], first, extra)
+            finished(name)
         if "progressive" in R:
             forgetting["progressive"] = self._run_progressive(R["progressive"], first, reused["progressive"])
+            finished("progressive")
         merges = [n for n in R if n.startswith("merged:")]
         if merges:
             independent = [first] + [self._independent(i) for i in range(1, t)]
             for name in merges:
                 reused[name].append([1, 0])
                 forgetting[name], extra[name] = self._run_merged(R[name], independent, name.split(":", 1)[1])
-        if "joint" in R:
-            forgetting["joint"] = self._run_joint(R["joint"])
+                finished(name)
         return self._result(base_row, R, reused, forgetting, extra)
 
     def strategies(self) -> list[str]:

@@ -68,7 +68,7 @@ class TrainingData:
 
 
 def run_finetune(config: RunConfig, resume: bool = False, log=print, *, init_model: InitModel | None = None,
-                 extra_callbacks: Sequence[Any] = ()) -> RunSummary | None:
+                 extra_callbacks: Sequence[Any] = (), extra_loss_terms: Sequence[Any] = ()) -> RunSummary | None:
     """Train one run end to end; returns its summary (None on processes other than the main one).
 
     Raises RegistrationFailed (run directory complete) when `output.register_run` is on and registering fails.
@@ -78,7 +78,7 @@ def run_finetune(config: RunConfig, resume: bool = False, log=print, *, init_mod
     data = training_data(run)
     model, before = build_model(run, init_model)
     callbacks = [*_callbacks(config), *extra_callbacks]
-    state, trainable, total = train_model(run, model, data, resume, callbacks)
+    state, trainable, total = train_model(run, model, data, resume, callbacks, extra_loss_terms)
     summary = None
     if run.main:
         summary = finish(run, model, state, data, before, trainable, total)
@@ -174,14 +174,14 @@ def build_model(run: FinetuneRun, init_model: InitModel | None) -> tuple[Any, di
 
 
 def train_model(run: FinetuneRun, model, data: TrainingData, resume: bool,
-                callbacks: list[Any]) -> tuple[TrainState, int, int]:
+                callbacks: list[Any], loss_terms: Sequence[Any] = ()) -> tuple[TrainState, int, int]:
     """Hand the model, the packs and the callbacks to the trainer; returns (state, trainable, total parameters)."""
     config, method = run.config, run.method
     attn = getattr(model.config, "_attn_implementation", None) or ""
     ctx = LoopContext(config.train, run.run_dir, run.tokenizer.pad_token_id,
                       block_mask=config.data.packing and attn != "flash_attention_2", precision=run.precision,
                       accelerator=run.accelerator, method=method, tokenizer=run.tokenizer, callbacks=callbacks,
-                      log=run.log)
+                      log=run.log, loss_terms=list(loss_terms))
     trainable = method.trainable_parameter_count(model)
     total = sum(p.numel() for p in model.parameters())
     run.log(f"{method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), "
