@@ -210,7 +210,8 @@ def merge_runs(sources: list[str], out: str | Path, combination: str = "cat", we
     model_config = ModelConfig.model_validate(parents[0].config.get("model") or {})
     tokenizer = load_tokenizer(model_config, log=log)
     names = [f"a{i + 1}" for i in range(len(parents))]
-    model = load_stack(load_model(model_config, log=log), {n: p.run_dir / "adapter" for n, p in zip(names, parents)})
+    folders = {n: p.run_dir / "adapter" for n, p in zip(names, parents, strict=True)}
+    model = load_stack(load_model(model_config, log=log), folders)
     stacked = probe_logits(model, tokenizer)
     report = merge_adapters(model, names, "merged", combination, weights, density)
     report.update(logit_drift(stacked, probe_logits(model, tokenizer)), compared_to="the stacked adapters",
