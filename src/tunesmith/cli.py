@@ -602,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tunesmith.ui.cli import add_ui  # `tunesmith ui` (the dashboard): its flags live in ui/cli.py
 
     add_ui(sub)
-    from tunesmith.cli_continual import add_continual  # `multitask`, `merge-adapters`: cli_continual.py
+    from tunesmith.recipes.continual_cli import add_continual  # `multitask`, `merge-adapters`
 
     add_continual(sub)
     return parser

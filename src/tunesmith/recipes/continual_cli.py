@@ -1,7 +1,8 @@
 """CLI for multi-task and continual fine-tuning: `tunesmith multitask train|interference`, `tunesmith merge-adapters`.
 
 (`tunesmith train run.yaml --continue-from NAME@VERSION|RUN_DIR` is a flag of `train`, in cli.py.) Thin
-handlers: parse, call recipes/multitask.py, print.
+handlers: parse, call recipes/multitask.py, print. It lives in recipes/ (like ui/cli.py in ui/) so that cli.py
+only registers it with one line and the import layers stay one-way.
 """
 
 from __future__ import annotations
@@ -10,8 +11,14 @@ import argparse
 import json
 
 
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def cmd_multitask_train(args: argparse.Namespace) -> int:
-    from tunesmith.cli import _quiet_libraries
     from tunesmith.config import load_config
     from tunesmith.recipes.multitask import train_per_task
 
@@ -23,7 +30,6 @@ def cmd_multitask_train(args: argparse.Namespace) -> int:
 
 
 def cmd_multitask_interference(args: argparse.Namespace) -> int:
-    from tunesmith.cli import _quiet_libraries
     from tunesmith.config import ConfigError, load_config
     from tunesmith.recipes.multitask import interference_matrix
 
@@ -49,7 +55,6 @@ def cmd_multitask_interference(args: argparse.Namespace) -> int:
 
 
 def cmd_merge_adapters(args: argparse.Namespace) -> int:
-    from tunesmith.cli import _quiet_libraries
     from tunesmith.recipes.multitask import merge_runs
 
     _quiet_libraries()
