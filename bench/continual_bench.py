@@ -161,7 +161,7 @@ class Bench:
         from tunesmith.recipes.continual import train_stage
 
         config = TrainConfig(max_steps=steps or self.args.steps, batch_size=self.args.batch,
-                             learning_rate=self.args.lr, warmup_ratio=0.1, seed=self.args.seed, show_progress=False,
+                             learning_rate=self.args.lr, warmup_ratio=0.0, seed=self.args.seed, show_progress=False,
                              save_total_limit=1, load_best_at_end=False, precision="fp32")
         started = time.perf_counter()
         state = train_stage(model, self.tokenizer, conversations, config, self.work / "runs" / tag,
