@@ -131,3 +131,20 @@ def test_progressive_run_trains_a_new_adapter_on_the_frozen_parent(world):
     assert summary["continued_from"] == "a@1"
     # only the new adapter trained: the trainable count equals a fresh r=4 adapter's
     assert summary["trainable_params"] == json.loads((runs / "a" / "summary.json").read_text())["trainable_params"]
+
+
+def test_full_fine_tuning_continues_with_ewc_over_all_trained_weights(world):
+    """Full FT: the child loads the parent's weights (first penalty exactly 0) and EWC covers every trained weight."""
+    from tunesmith.train.ewc import EwcState
+
+    runs = world["runs"]
+    full = ("method.name=full", "train.learning_rate=1e-4", "continual.ewc_examples=2")
+    run_continual(world["config"]("fa", "extract", *full, "continual.store_fisher=true"), log=lambda *a: None)
+    run_continual(world["config"]("fb", "risk", *full, "continual.continue_from=fa@1", "continual.ewc_lambda=1e8"),
+                  log=lambda *a: None)
+    steps = [json.loads(line) for line in (runs / "fb" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if "train_loss" in m]
+    assert steps[0]["ewc_penalty"] == 0.0 and steps[-1]["ewc_penalty"] > 0.0
+    (term,) = EwcState.load(runs / "fa" / "ewc.safetensors").terms
+    trained = json.loads((runs / "fa" / "summary.json").read_text())["trainable_params"]
+    assert sum(f.numel() for f in term.fisher.values()) == trained
