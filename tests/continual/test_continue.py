@@ -91,7 +91,7 @@ def test_continued_run_starts_from_parent_mixes_replay_and_records_lineage(world
     mixture = json.loads((b / "data_manifest.json").read_text())["mixture"]
     assert mixture["tasks"]["replay"]["drawn"] == round(0.25 * mixture["total"])
     assert sum(mixture["replayed_from"].values()) == mixture["tasks"]["replay"]["drawn"]
-    assert all(key.startswith("a:") for key in mixture["replayed_from"])
+    assert all(key.startswith("a:") for key in mixture["replayed_from"])  # run a, its task
     buffer = ReservoirBuffer.load(b / "replay_buffer.jsonl")
     assert buffer.seen == 8 + mixture["tasks"]["train"]["drawn"]  # a's 8 records, then b's own (not the replayed)
     state = EwcState.load(b / "ewc.safetensors")

@@ -242,7 +242,9 @@ def _write_replay(config: RunConfig, run_dir: Path, parent_buffer, train: list[C
 
     options = config.continual
     name = config.output.name or run_dir.name
-    new = tag_replay([c for c in train if "replay" not in c.meta], name, name)
+    own = [c for c in train if "replay" not in c.meta]  # replayed records are in the parent's buffer already
+    new = [r for task in dict.fromkeys(c.meta.get("task", name) for c in own)
+           for r in tag_replay([c for c in own if c.meta.get("task", name) == task], name, task)]
     if options.replay_strategy == "stratified":
         from tunesmith.data.diversity import cluster_report
 
