@@ -446,8 +446,10 @@ def markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
            f"Command: `{meta['command']}`", "",
            "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(r) + " |" for r in summary_rows(result)]
+    skipped = ("; with `--evals minimal` only the diagonal and the last row are measured (what ACC and BWT need), "
+               "so `-` below the diagonal = not measured" if result.get("evals") == "minimal" else "")
     out += ["", "Accuracy matrices R[i][j] (row i = after training task i, row 0 = base; column j = task; "
-            "`-` = a future task, not measured; *italic* = the same model as an earlier entry, reused):", ""]
+            f"`-` = a future task, not measured; *italic* = the same model as an earlier entry, reused{skipped}):", ""]
     for name, row in result["strategies"].items():
         reused = {tuple(x) for x in row["reused"]}
         out.append(f"**{name}**\n")
