@@ -84,6 +84,9 @@ class DataConfig(Section):
     mix_size: int | None = Field(
         None, gt=0, description="Training records in the mixture (default: the most that needs no repeats)."
     )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Map non-standard fields, e.g. {prompt: question, response: answer}."
+    )
 
 
 # -------------------------------------------------------------------------------------------- method
@@ -145,6 +148,11 @@ class TrainConfig(Section):
     load_best_at_end: bool = Field(True, description="Finish with the checkpoint of lowest eval loss.")
     seed: int = Field(0, description="Seed for data order, initialisation and dropout.")
     show_progress: bool = Field(True, description="Show a progress bar.")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="fsdp = shard parameters, gradients and optimizer state over the processes (FSDP2, one "
+        "unit per decoder layer); `accelerate launch` with an FSDP config turns it on too."
+    )
+    fsdp_cpu_offload: bool = Field(False, description="With sharding: keep shards, gradients and optimizer state in CPU RAM.")
 
 
 # ---------------------------------------------------------------------------------------------- eval

@@ -23,15 +23,17 @@ FORBIDDEN = {("serve", "ui"), ("ui", "serve"), ("serve", "train"), ("ui", "train
 
 # Upward imports that exist today, each with the work that removes it. Shrink this list; never grow it.
 ALLOWED_VIOLATIONS = {
-    # issue 12 item 7 (helper "planner"): models/facts.py reads the planner's catalogue; move the catalogue
-    # down to models/ or the facts up into plan/.
-    ("tunesmith.models.facts", "tunesmith.plan"),
+    # By design (issue 12 item 2): the config schema's `method:` section is assembled from the method registry,
+    # so a new method needs no edit in config.py. methods.registry and the options modules import no torch.
+    ("tunesmith.config", "tunesmith.methods.registry"),
 }
 
 
 def package_of(module: str) -> str:
     """'tunesmith.train.loop' -> 'train'; 'tunesmith.cli' -> 'cli'; 'tunesmith' -> '__init__'."""
     parts = module.split(".")
+    if len(parts) > 1 and parts[1].startswith("cli_"):  # cli_data.py, cli_runs.py, ...: pieces of the command line
+        return "cli"
     return parts[1] if len(parts) > 1 else "__init__"
 
 

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 from transformers import GenerationConfig
 
+from tunesmith.errors import UsageError
 from tunesmith.models.tokens import pad_token_id, stop_token_ids
 
 
@@ -67,17 +68,19 @@ def _cut_at_stop(ids: list[int], stops: set[int]) -> list[int]:
 
 
 def generate_token_ids(
-    model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int = 128, batch_size: int = 16, greedy: bool = True
+    model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int = 128, batch_size: int = 16, greedy: bool = True,
+    progress=None,
 ) -> list[list[int]]:
     """Generate continuations of tokenized prompts; returns the new tokens of each, cut before the first stop token.
 
     Prompts are sorted by length so each batch pads little, then results are put back in input order.
+    `progress(done, total)`, if given, is called after each batch (long evaluations report as they go).
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     stops = stop_token_ids(model, tokenizer)
     if not stops:
-        raise ValueError("the tokenizer has no eos token and no known end-of-turn token; cannot tell where to stop")
+        raise UsageError("the tokenizer has no eos token and no known end-of-turn token; cannot tell where to stop")
     config = _generation_config(model, tokenizer, max_new_tokens, greedy, stops)
     pad = config.pad_token_id
     device = _device(model)
@@ -102,6 +105,8 @@ def generate_token_ids(
             new_tokens = output[:, width:].tolist()  # (batch, generated)
             for row, i in enumerate(chunk):
                 results[i] = _cut_at_stop(new_tokens[row], set(stops))
+            if progress is not None:
+                progress(min(start + batch_size, len(order)), len(order))
     return results
 
 
@@ -112,6 +117,7 @@ def generate_batch(
     max_new_tokens: int = 128,
     batch_size: int = 16,
     greedy: bool = True,
+    progress=None,
 ) -> list[str]:
     """Answer each conversation (given without its final assistant turn); returns the decoded replies in order.
 
@@ -121,6 +127,6 @@ def generate_batch(
     if not prompts:
         return []
     prompt_ids = render_prompts(tokenizer, prompts)
-    outputs = generate_token_ids(model, tokenizer, prompt_ids, max_new_tokens, batch_size, greedy)
+    outputs = generate_token_ids(model, tokenizer, prompt_ids, max_new_tokens, batch_size, greedy, progress)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
 

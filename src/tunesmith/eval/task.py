@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.data.formats import Conversation, read_conversations
+from tunesmith.errors import UsageError
 from tunesmith.eval.generate import generate_batch
 from tunesmith.eval.metrics import check_metric_names, score
 
@@ -24,11 +25,11 @@ def split_conversation(conversation: Conversation) -> tuple[list[dict[str, str]]
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     where = f"{conversation.source}:{conversation.line}" if conversation.source else "conversation"
     if last is None:
-        raise ValueError(f"{where}: no assistant turn to use as the reference")
+        raise UsageError(f"{where}: no assistant turn to use as the reference")
     prompt = [dict(m) for m in messages[:last]]
     users = [m["content"] for m in prompt if m["role"] == "user"]
     if not users:
-        raise ValueError(f"{where}: no user turn before the last assistant turn")
+        raise UsageError(f"{where}: no user turn before the last assistant turn")
     return prompt, messages[last]["content"], users[-1]
 
 
@@ -40,6 +41,7 @@ def evaluate_task(
     max_new_tokens: int = 128,
     batch_size: int = 16,
     max_examples: int | None = None,
+    progress=None,
     **metric_options: Any,
 ) -> dict[str, Any]:
     """Generate (greedy, batched) and score. `max_examples` keeps the first N conversations, in file order.
@@ -49,13 +51,14 @@ def evaluate_task(
     """
     check_metric_names(metrics)
     if max_examples is not None and max_examples < 1:
-        raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+        raise UsageError(f"max_examples must be >= 1, got {max_examples}")
     chosen = conversations[:max_examples] if max_examples is not None else list(conversations)
     split = [split_conversation(c) for c in chosen]
     prompts = [p for p, _, _ in split]
     references = [r for _, r, _ in split]
     sources = [s for _, _, s in split]
-    predictions = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    predictions = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 progress=progress)
     scored = score(predictions, references, sources, metrics, **metric_options)
     examples = [
         {
@@ -126,20 +129,27 @@ class GenerationSettings:
 
 def evaluate_splits(model, tokenizer, splits: dict[str, tuple[list[str], list[Conversation]]], metrics: list[str],
                     settings: GenerationSettings, label: str, log=print,
-                    metric_options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+                    metric_options: dict[str, Any] | None = None, cache: bool | None = None) -> dict[str, dict[str, Any]]:
     """The one per-split evaluation loop (training's test evaluation and `tunesmith eval` share it).
 
     splits: {name: (files, conversations)}. Returns {name: evaluate_task result + "seconds" + "files"}.
+    `cache` (default: for label "base") serves a repeated evaluation of the same weights, prompts and settings
+    from disk (eval/cache.py); progress is logged after every generation batch.
     """
+    from functools import partial
+
+    from tunesmith.eval.cache import evaluate_task_cached, progress_printer
+
+    evaluate = partial(evaluate_task_cached, log=log) if (label == "base" if cache is None else cache) else evaluate_task
     results = {}
     for split, (paths, conversations) in splits.items():
         started = time.perf_counter()
         n = min(len(conversations), settings.max_examples or len(conversations))
         log(f"evaluating the {label} model on {split} ({n} of {len(conversations)} examples)")
         model.eval()
-        result = evaluate_task(model, tokenizer, conversations, metrics, max_new_tokens=settings.max_new_tokens,
-                               batch_size=settings.batch_size, max_examples=settings.max_examples,
-                               **(metric_options or {}))
+        result = evaluate(model, tokenizer, conversations, metrics, max_new_tokens=settings.max_new_tokens,
+                          batch_size=settings.batch_size, max_examples=settings.max_examples,
+                          progress=progress_printer(log, f"{label} {split}", started), **(metric_options or {}))
         result["seconds"] = round(time.perf_counter() - started, 2)
         result["files"] = list(paths)
         results[split] = result

@@ -303,7 +303,7 @@ def run_continual(config: RunConfig, resume: bool = False, log=print):
         loss_terms.append(_checked(penalty))
     init = _load_parent_weights(parent, options.progressive) if parent is not None else None
     summary = run_finetune(prepared, resume, log, init_model=init, extra_callbacks=callbacks,
-                           extra_loss_terms=loss_terms)
+                           loss_terms=loss_terms)
     if summary is None:  # not the main process
         return None
     if mixture:

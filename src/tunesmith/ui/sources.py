@@ -97,7 +97,8 @@ def _number(value: Any) -> bool:
 
 def xy_series(records: list[dict[str, Any]], key: str, x: str = "step") -> tuple[list[float], list[float]]:
     """(xs, values) of records carrying a finite `key` and a finite `x`. For x="step" this is exactly
-    `tunesmith.eval.plots.series`, the function that draws loss_curves.png (a test holds the two together)."""
+    `tunesmith.eval.plots.series`, the function that draws loss_curves.png (a test holds the two together),
+    except that infinite values are dropped too: matplotlib leaves them undrawn, and JSON cannot carry them."""
     if x not in X_KEYS:
         raise UIError(400, f"x axis {x!r}: expected one of {', '.join(X_KEYS)}")
     xs, values = [], []
@@ -132,7 +133,8 @@ class Catalog:
         self.runs_dir = Path(runs_dir).expanduser().resolve() if runs_dir else None
 
     # registry ----------------------------------------------------------------------------------------
-    def _registered(self) -> list[RunView]:
+    def _registered(self, name: str | None = None, version: int | None = None) -> list[RunView]:
+        """Registered runs (all, or the one NAME@VERSION) with their full records, in one read transaction."""
         from sqlalchemy import select
 
         from tunesmith.registry.runs import run_record
@@ -140,7 +142,10 @@ class Catalog:
         from tunesmith.registry.store import open_registry, read
 
         def work(session) -> list[dict[str, Any]]:
-            runs = session.scalars(select(Run).order_by(Run.name, Run.version))
+            query = select(Run).order_by(Run.name, Run.version)
+            if name is not None:
+                query = query.where(Run.name == name, Run.version == version)
+            runs = session.scalars(query)
             return [{**run_record(session, run, full=True), "logs_digest": run.logs_digest} for run in runs]
 
         return [self._from_record(r) for r in read(open_registry(self.registry_url), work)]
@@ -203,9 +208,9 @@ class Catalog:
         name, at, version = run_id.rpartition("@")
         if not at or not name or not version.isdigit():
             raise UIError(404, f"run id {run_id!r}: expected NAME@VERSION (registered) or dir:FOLDER")
-        for view in self._registered():
-            if view.name == name and view.version == int(version):
-                return view
+        found = self._registered(name, int(version))
+        if found:
+            return found[0]
         raise UIError(404, f"no run {run_id!r} in the registry")
 
     # files of a run ----------------------------------------------------------------------------------
