@@ -61,6 +61,17 @@ def cmd_merge_adapters(args: argparse.Namespace) -> int:
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     report = merge_runs(args.runs, args.out, args.combination, weights, args.density, register=not args.no_register,
                         registry_url=args.registry)
+    if args.eval:  # the merged adapter on every task of a multi-task config
+        from pathlib import Path
+
+        from tunesmith.atomic import write_json
+        from tunesmith.config import load_config
+        from tunesmith.recipes.multitask import interference_matrix
+
+        result = interference_matrix(load_config(args.eval), {"merged": Path(args.out) / "adapter"},
+                                     include_base=False, log=print)
+        write_json(Path(args.out) / "task_eval.json", result)
+        report["task_eval"] = result["rows"]["merged"]
     if args.json:
         print(json.dumps(report, indent=2))
     return 0
@@ -93,5 +104,7 @@ def add_continual(sub) -> None:
     m.add_argument("--density", type=float, default=None, help="kept share for ties/dare (default 0.5)")
     m.add_argument("--registry", default=None, help="registry location (default: the usual one)")
     m.add_argument("--no-register", action="store_true", help="do not record the merged run in the registry")
+    m.add_argument("--eval", default=None, metavar="CONFIG",
+                   help="also score the merged adapter on every task of this multi-task config (task_eval.json)")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_merge_adapters)
