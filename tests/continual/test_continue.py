@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tunesmith.config import load_config
 from tunesmith.recipes.continual import ContinueError, run_continual
@@ -44,7 +45,8 @@ def world(tmp_path_factory, tiny_model_dir, task_data):
 
     run_continual(config("a", "extract", "continual.replay_size=6", "continual.store_fisher=true",
                          "continual.ewc_examples=4"), log=lambda *a: None)
-    return {"config": config, "root": root, "registry": registry, "runs": root / "runs"}
+    return {"config": config, "root": root, "registry": registry, "runs": root / "runs", "tasks": task_data,
+            "model": tiny_model_dir}
 
 
 def _listing(folder: Path) -> list[str]:
@@ -108,10 +110,19 @@ def test_merged_run_lists_its_parents(world, capsys):
     runs = world["runs"]
     if not (runs / "b").exists():
         run_continual(world["config"]("b", "risk", "continual.continue_from=a@1"), log=lambda *a: None)
+    paths, module = world["tasks"]
+    datasets = [{"name": n, "train": [paths[n]["train"]], "test": [paths[n]["test"]],
+                 "task_prefix": module.TASKS[n]["prefix"]} for n in ("extract", "risk")]
+    eval_config = world["root"] / "tasks.yaml"
+    eval_config.write_text(yaml.safe_dump({"model": {"name_or_path": str(world["model"])},
+                                           "data": {"datasets": datasets},
+                                           "eval": {"metrics": ["accuracy"], "max_new_tokens": 4, "max_examples": 1}}))
     code = main(["merge-adapters", str(runs / "a"), "b@1", "--out", str(runs / "ab"), "--combination", "cat",
-                 "--registry", world["registry"], "--json"])
+                 "--registry", world["registry"], "--eval", str(eval_config), "--json"])
     assert code == 0
     capsys.readouterr()
+    task_eval = json.loads((runs / "ab" / "task_eval.json").read_text())
+    assert list(task_eval["rows"]) == ["merged"] and set(task_eval["rows"]["merged"]) == {"extract", "risk"}
     report = json.loads((runs / "ab" / "merge_report.json").read_text())
     assert report["exact"] and report["max_abs_logit_diff"] < 1e-4 and report["rank"] == 8
     assert main(["runs", "show", "ab@1", "--registry", world["registry"], "--json"]) == 0
