@@ -66,7 +66,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     check_run_paths(config, args.config)  # before the model loads: every missing path in one message
-    summary = run_finetune(config, resume=args.resume)
+    from tunesmith.recipes.continual import needs_continual, run_continual  # continual/multi-task: recipes/continual.py
+
+    if args.continue_from:
+        config.continual.continue_from = args.continue_from
+    summary = run_continual(config, args.resume) if needs_continual(config) else run_finetune(config, resume=args.resume)
     print(json.dumps(summary.to_dict() if summary else {}, indent=2) if args.json else "")
     return 0
 
@@ -77,6 +81,8 @@ def add_train(sub) -> None:
     p.add_argument("config", help="run config (YAML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.learning_rate=1e-4")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--continue-from", default=None, metavar="NAME@VERSION|RUN_DIR",
+                   help="start from an earlier run's weights and record the lineage (continual fine-tuning)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
     p.set_defaults(func=cmd_train)
 
@@ -341,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tunesmith.ui.cli import add_ui  # `tunesmith ui` (the dashboard): its flags live in ui/cli.py
 
     add_ui(sub)
+    from tunesmith.recipes.continual_cli import add_continual  # `multitask`, `merge-adapters`
+
+    add_continual(sub)
     return parser
 
 
