@@ -163,8 +163,9 @@ def budget_check(model: str, tokenizer, work: Path, threads: int, steps: int, se
 
     data = make_data(tokenizer, seq_len, 24, work / f"budget-{seq_len}.jsonl", seed=1)
     default = work / "default.yaml"
+    # Effective batch 4 (one micro-batch of 4 per step in the default config) keeps 3 steps affordable on 2 cores.
     common = ["plan", "--model", model, "--device", "cpu", "--method", "lora", "--seq-len", str(seq_len),
-              "--examples", "1000", "--task", "extraction", "--data", str(data)]
+              "--examples", "1000", "--task", "extraction", "--data", str(data), "--effective-batch", "4"]
     with open(os.devnull, "w") as sink, _redirect(sink):
         cli([*common, "--gpu-memory", "1024GB", "--write", str(default)])
     share = labelled_share_from_plan(model, data, seq_len)
