@@ -105,17 +105,17 @@ def describe(model, accelerator) -> str:
             f"mixed precision {plugin.mixed_precision_policy}")
 
 
-def check_supported(accelerator, method, loss_terms: list[Any]) -> None:
+def check_supported(accelerator, method, model, loss_terms: list[Any]) -> None:
     if not is_sharded(accelerator):
         return
-    from tunesmith.methods.base import Method
-
-    if type(method).align_logits is not Method.align_logits:
-        raise ConfigError(f"method.name={method.name}: prompt-learning methods are not supported with FSDP sharding "
-                          "(peft saves their prompt embeddings from the live, sharded module); use data parallelism")
+    peft_configs = getattr(model, "peft_config", None) or {}
+    if any(getattr(c, "is_prompt_learning", False) for c in peft_configs.values()):
+        raise ConfigError(f"method.name={method.name}: prompt-learning methods (prefix, prompt) are not supported with "
+                          "FSDP sharding (peft builds their virtual tokens outside the sharded modules); use data "
+                          "parallelism (train.sharding=none)")
     if loss_terms:
         raise ConfigError("extra loss terms (e.g. EWC) are not supported with FSDP sharding yet (they would see "
-                          "parameter shards); use data parallelism")
+                          "parameter shards); use data parallelism (train.sharding=none)")
 
 
 def set_mixed_precision(accelerator, precision: str) -> None:
