@@ -84,7 +84,8 @@ def check_invariants(result: dict[str, Any]) -> list[str]:
                 value = matrix[i][j]
                 if value is not None and not 0.0 <= value <= 1.0:
                     problems.append(f"{name}: R[{i}][{j}] = {value} outside [0, 1]")
-                if name != "joint" and 1 <= i and j < i and value is None:
+                needed = j == i - 1 or i == t or result.get("evals", "full") == "full"
+                if name != "joint" and 1 <= i and j < i and value is None and needed:
                     problems.append(f"{name}: R[{i}][{j}] missing")
                 if i >= 1 and j >= i and value is not None:
                     problems.append(f"{name}: R[{i}][{j}] measured for a future task")
@@ -106,15 +107,15 @@ class Bench:
         import torch
         from transformers import set_seed
 
-        from tunesmith.config import LoraOptions, MethodConfig, ModelConfig
+        from tunesmith.config import MethodConfig, ModelConfig
         from tunesmith.methods.lora import lora_config
         from tunesmith.models.load import load_tokenizer
 
         torch.set_num_threads(args.threads)
         self.args, self.work, self.set_seed = args, work, set_seed
         self.model_config = ModelConfig(name_or_path=args.model)
-        self.lora = lora_config(MethodConfig(name="lora", lora=LoraOptions(r=args.rank, alpha=2 * args.rank,
-                                                                             dropout=0.05)))
+        self.lora = lora_config(MethodConfig.model_validate(
+            {"name": "lora", "lora": {"r": args.rank, "alpha": 2 * args.rank, "dropout": 0.05}}))
         self.tokenizer = load_tokenizer(self.model_config, log=lambda *a: None)
         self.tasks = self._load_tasks()
         self.seconds: dict[str, float] = {}
@@ -161,7 +162,7 @@ class Bench:
         from tunesmith.recipes.continual import train_stage
 
         config = TrainConfig(max_steps=steps or self.args.steps, batch_size=self.args.batch,
-                             learning_rate=self.args.lr, warmup_ratio=0.1, seed=self.args.seed, show_progress=False,
+                             learning_rate=self.args.lr, warmup_ratio=0.0, seed=self.args.seed, show_progress=False,
                              save_total_limit=1, load_best_at_end=False, precision="fp32")
         started = time.perf_counter()
         state = train_stage(model, self.tokenizer, conversations, config, self.work / "runs" / tag,
@@ -207,7 +208,8 @@ class Bench:
         base = self.base()
         self.probes = load_probes(self.args.probes, kinds=("mc",))
         self.base_probe_accuracy = probe_accuracy(base, self.tokenizer, self.probes, batch_size=16)["accuracy"]
-        base_row = [self.score(base, j, "base") for j in range(t)]
+        reuse = json.loads(Path(self.args.reuse, "scores.json").read_text()) if self.args.reuse else None
+        base_row = reuse["base_row"] if reuse else [self.score(base, j, "base") for j in range(t)]
         del base
         empty = lambda: [list(base_row)] + [[None] * t for _ in range(t)]  # noqa: E731
         R = {name: empty() for name in self.strategies()}
@@ -216,28 +218,48 @@ class Bench:
         extra: dict[str, Any] = {}
 
         # stage 1, shared by every strategy but joint
-        model = self.fresh()
-        self.train(model, self.tasks[0].train, "stage1")
-        first = self.save(model, "default", "stage1")
-        r11 = self.score(model, 0, "stage1")
+        if reuse:  # the base row and stage 1 of an earlier run of this bench with the same settings (scores.json)
+            first, r11 = Path(self.args.reuse, "adapters", "stage1"), reuse.get("stage1")
+            model = self.continued(first)
+            if r11 is None:  # scores.json without it: measure the reused adapter here (greedy: the same value)
+                r11 = self.score(model, 0, "stage1 (reused adapter)")
+        else:
+            model = self.fresh()
+            self.train(model, self.tasks[0].train, "stage1")
+            first = self.save(model, "default", "stage1")
+            r11 = self.score(model, 0, "stage1")
+        (self.work / "scores.json").write_text(json.dumps({"base_row": base_row, "stage1": r11}))
         for name in R:
             if name != "joint":
                 R[name][1][0] = r11
         if "ewc" in R:
             extra["ewc"] = self._fisher_after(model, 0, None)
         del model
-        for name in [n for n in ("seq", "replay", "ewc") if n in R]:
-            forgetting[name] = getattr(self, f"_run_{name}")(R[name], first, extra)
+        done: list[str] = []
+
+        def finished(name: str) -> None:  # partial results survive a run that is stopped early
+            done.append(name)
+            partial = self._result(base_row, {n: R[n] for n in done}, reused, forgetting, extra)
+            partial["meta"] = {**self.meta, "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+                               "args": vars(self.args)}
+            (self.work / "partial.json").write_text(json.dumps(partial, default=str))
+
+        for name in [n for n in ("seq", "joint", "replay", "ewc") if n in R]:
+            if name == "joint":
+                forgetting[name] = self._run_joint(R[name])
+            else:
+                forgetting[name] = getattr(self, f"_run_{name}")(R[name], first, extra)
+            finished(name)
         if "progressive" in R:
             forgetting["progressive"] = self._run_progressive(R["progressive"], first, reused["progressive"])
+            finished("progressive")
         merges = [n for n in R if n.startswith("merged:")]
         if merges:
             independent = [first] + [self._independent(i) for i in range(1, t)]
             for name in merges:
                 reused[name].append([1, 0])
                 forgetting[name], extra[name] = self._run_merged(R[name], independent, name.split(":", 1)[1])
-        if "joint" in R:
-            forgetting["joint"] = self._run_joint(R["joint"])
+                finished(name)
         return self._result(base_row, R, reused, forgetting, extra)
 
     def strategies(self) -> list[str]:
@@ -246,8 +268,11 @@ class Bench:
         return names + (["joint"] if "joint" in self.args.strategies else [])
 
     def _eval_row(self, model, matrix, i: int, tag: str) -> None:
+        """Row i+1 up to the diagonal; with --evals minimal only what ACC and BWT need (diagonal, last row)."""
+        last = i == len(self.tasks) - 1
         for j in range(i + 1):
-            matrix[i + 1][j] = self.score(model, j, tag)
+            if self.args.evals == "full" or last or j == i:
+                matrix[i + 1][j] = self.score(model, j, tag)
 
     def _run_seq(self, matrix, first: Path, extra) -> dict[str, Any]:
         previous = first
@@ -366,7 +391,7 @@ class Bench:
         for name, matrix in R.items():
             strategies[name] = {"R": matrix, "ACC": final_average(matrix), "BWT": bwt(matrix),
                                 "reused": reused[name], **forgetting.get(name, {})}
-        return {"tasks": [{"name": t.name, "metric": t.headline, "n_test": min(len(t.test), self.args.n_test),
+        return {"evals": self.args.evals, "tasks": [{"name": t.name, "metric": t.headline, "n_test": min(len(t.test), self.args.n_test),
                            "n_train": len(t.train)} for t in self.tasks],
                 "base_row": base_row, "base_probe_accuracy": self.base_probe_accuracy,
                 "strategies": strategies, "extra": extra, "train_seconds": self.seconds}
@@ -421,8 +446,10 @@ def markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
            f"Command: `{meta['command']}`", "",
            "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(r) + " |" for r in summary_rows(result)]
+    skipped = ("; with `--evals minimal` only the diagonal and the last row are measured (what ACC and BWT need), "
+               "so `-` below the diagonal = not measured" if result.get("evals") == "minimal" else "")
     out += ["", "Accuracy matrices R[i][j] (row i = after training task i, row 0 = base; column j = task; "
-            "`-` = a future task, not measured; *italic* = the same model as an earlier entry, reused):", ""]
+            f"`-` = a future task, not measured; *italic* = the same model as an earlier entry, reused{skipped}):", ""]
     for name, row in result["strategies"].items():
         reused = {tuple(x) for x in row["reused"]}
         out.append(f"**{name}**\n")
@@ -477,6 +504,12 @@ def parse(argv: list[str] | None):
     parser.add_argument("--ewc-examples", type=int, default=None, help="examples for the Fisher (default 32; quick 4)")
     parser.add_argument("--kl-prompts", type=int, default=None, help="general prompts for KL drift (default 24; quick 4)")
     parser.add_argument("--probes", type=int, default=None, help="multiple-choice probes (default 60; quick 6)")
+    parser.add_argument("--evals", choices=("full", "minimal"), default="full",
+                        help="full: every R[i][j], j <= i; minimal: the diagonal and the last row (what ACC/BWT need)")
+    parser.add_argument("--reuse", default=None, metavar="WORK",
+                        help="reuse the base row and stage-1 adapter of an earlier run's --work folder (same settings)")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                        help="print (and --md) one table from several runs' JSON records or partial.json files")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one, removed)")
@@ -493,8 +526,38 @@ def parse(argv: list[str] | None):
     return args
 
 
+def combine(paths: list[str]) -> dict[str, Any]:
+    """One result from several runs' records (same tasks and base row required); later files add strategies."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    first = results[0]
+    for other in results[1:]:
+        # base rows may differ by the 3-decimal rounding of a base row copied from a log (see --reuse)
+        same_base = all(abs(a - b) <= 5e-4 for a, b in zip(other["base_row"], first["base_row"], strict=True))
+        if not same_base or [t["name"] for t in other["tasks"]] != [t["name"] for t in first["tasks"]]:
+            raise SystemExit("--combine: the runs differ in tasks or base row; they are not one measurement")
+        for name, row in other["strategies"].items():
+            row["R"][0] = list(first["base_row"])
+            first["strategies"].setdefault(name, row)
+        first["extra"].update(other.get("extra", {}))
+        first["train_seconds"].update(other.get("train_seconds", {}))
+    first["evals"] = "minimal" if any(r.get("evals") == "minimal" for r in results) else "full"
+    return first
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.combine:
+        result = combine(args.combine)
+        print_table(result)
+        if args.md:
+            meta = {**result.get("meta", {}), "command": "python bench/continual_bench.py " + " ".join(
+                argv if argv is not None else sys.argv[1:])}
+            meta.setdefault("wall_seconds", 0.0)
+            write_md(Path(args.md), markdown(result, meta) + "\n\nCombined from: " + ", ".join(args.combine))
+        problems = check_invariants(result)
+        if problems:
+            print("invariant violations:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1 if problems else 0
     meta = machine()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="continual-bench-") as scratch:
@@ -507,7 +570,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.model = str(save_tiny_model(work / "tiny-model", "llama"))
             else:
                 args.model = REFERENCE
-        result = Bench(args, work).run()
+        bench = Bench(args, work)
+        bench.meta = {**meta, "command": "python bench/continual_bench.py " + " ".join(
+            argv if argv is not None else sys.argv[1:])}
+        result = bench.run()
     meta.update(load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()), wall_seconds=time.perf_counter() - started,
                 command="python bench/continual_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     result["meta"] = {**meta, "args": {k: v for k, v in vars(args).items()}}

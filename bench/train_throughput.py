@@ -32,6 +32,7 @@ rotation (adjacent runs) and the median over rotations is reported, as bench/ser
     python bench/train_throughput.py --tiny                  # tiny random model, about a minute
     python bench/train_throughput.py --repeats 3             # reference model, demo data (make reference)
     python bench/train_throughput.py --data my.jsonl         # any chat/instruction JSONL a user brings
+    python bench/train_throughput.py --long-tailed 300 --seq-len 1024   # synthetic long-tailed lengths (below)
 The TRL side needs `trl` (`pip install -e '.[bench]'`, or `.venv/bin/pip install trl`); `--sides` picks sides.
 Last line: ratio=<tunesmith / Trainer+peft useful tokens/s>; --json prints a JSON record before it.
 """
@@ -350,11 +351,36 @@ def run_child(kind: str, args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- parent
+def long_tailed(demo: Path, out: Path, records: int, seed: int = 0) -> Path:
+    """A synthetic set with long-tailed lengths (where padding costs most), made from the demo records: record i
+    asks for k_i clauses at once, k_i ~ 1 + Poisson-like geometric tail (P(k) ~ 0.55^k: most 1-2, a few 6-10), the
+    reply a JSON list of their extractions. Real instruction data (Alpaca-style) has this shape; no public copy
+    is on this offline machine, so the bench builds one. Lengths: ~150 to ~1,500 tokens."""
+    import random
+
+    rows = [json.loads(line) for line in demo.read_text().splitlines() if line.strip()]
+    rng = random.Random(seed)
+    with out.open("w") as f:
+        for _ in range(records):
+            k = 1
+            while k < 10 and rng.random() < 0.55:
+                k += 1
+            chosen = rng.sample(rows, k)
+            system = chosen[0]["messages"][0]["content"] + " Several clauses: answer with a JSON list, one per clause."
+            user = "\n\n".join(f"Clause {i + 1}: {c['messages'][1]['content']}" for i, c in enumerate(chosen))
+            reply = "[" + ", ".join(c["messages"][2]["content"] for c in chosen) + "]"
+            f.write(json.dumps({"messages": [{"role": "system", "content": system}, {"role": "user", "content": user},
+                                             {"role": "assistant", "content": reply}]}) + "\n")
+    return out
+
+
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", "--quick", action="store_true", help="tiny random model (quick)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--data", default=None, help="JSONL training data (default: generated demo data)")
+    parser.add_argument("--long-tailed", type=int, default=0, metavar="N",
+                        help="instead of --data: N synthetic records with long-tailed lengths, built from the demo data")
     parser.add_argument("--steps", type=int, default=None, help="last timed optimizer step N (steps 2..N timed)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=None, help="default 256 (1024 with --tiny: byte tokens)")
@@ -417,6 +443,8 @@ def main(argv=None) -> int:
 
         generate(workdir / "data", seed=0)
         args.data = str(workdir / "data" / "train.jsonl")
+        if args.long_tailed:
+            args.data = str(long_tailed(Path(args.data), workdir / "long_tailed.jsonl", args.long_tailed))
     elif not Path(args.data).is_file():
         raise SystemExit(f"--data: {args.data} is not a file (give a JSONL of conversations or instructions)")
     print(f"model={args.model} data={args.data} steps=1+{args.steps - 1} timed (+2 for FLOPs/profile) "
@@ -429,6 +457,7 @@ def main(argv=None) -> int:
         for kind in order:
             rotation[kind] = run_child(kind, args)
             x = rotation[kind]
+            print(json.dumps({"rotation": r + 1, "side": kind, **x}), flush=True)  # each side's record, as it ends
             print(f"rotation {r + 1} {kind:9s} {x['useful_tokens']:7d} useful tokens in {x['seconds']:7.2f}s = "
                   f"{x['useful_tokens_per_second']:8.1f} tok/s; {x['achieved_flops'] / 1e9:6.1f} GFLOP/s = "
                   f"{100 * x['utilisation']:4.1f}% of the matmul peak {x['matmul_peak_flops'] / 1e9:.1f}; "

@@ -110,3 +110,57 @@ def test_serve_bench_quick_end_to_end():
     assert slora["cold_vs_hf_base"] == pytest.approx(cold["tokens_per_s"] / hf["tokens_per_s"], rel=1e-9)
     assert {"ttft_p50_s", "ttft_p99_s"} <= set(cold)
     assert lines[-1].startswith(f"ratio={top['vs_hf_base']:.3f}")
+
+
+# ---------------------------------------------------------------- method_table
+def test_method_table_protocol_selects_on_validation_and_scores_two_seeds(monkeypatch, tmp_path):
+    import method_table as mt
+
+    calls = []
+
+    def fake_child(args, name, data, out, rate, seed, score):
+        calls.append((name, rate, seed, score))
+        # validation loss is lowest at 3x the advised rate; test scores differ by seed
+        loss = abs(rate - 3 * {"full": 2e-5, "lora": 2e-4}[name]) * 1e3 + 0.5
+        row = {"best_eval_loss": loss, "trainable_params": 10, "total_params": 100, "peak_memory_bytes": 1,
+               "step_seconds": 0.1, "adapter_bytes": 5, "final_train_loss": 0.4}
+        if score:
+            row.update(test_score={"full": 0.8, "lora": 0.6}[name] + 0.1 * seed, ood_score=0.5)
+        return row
+
+    monkeypatch.setattr(mt, "child", fake_child)
+    args = mt.parse(["--grid", "0.3,1,3"])
+    full = mt.run_method(args, "full", 2e-5, tmp_path, tmp_path)
+    lora = mt.run_method(args, "lora", 2e-4, tmp_path, tmp_path)
+    assert [c[1] for c in calls if c[0] == "lora" and not c[3]] == [6e-5, 2e-4, 6e-4]  # the same grid for each
+    assert [c[1] for c in calls if c[0] == "full" and not c[3]] == [6e-6, 2e-5, 6e-5]
+    assert lora["best_rate"] == 6e-4 and full["best_rate"] == 6e-5  # chosen on validation loss
+    assert [(c[1], c[2]) for c in calls if c[0] == "lora" and c[3]] == [(6e-4, 0), (6e-4, 1)]
+    assert lora["test_scores"] == [0.6, 0.7] and lora["test_score"] == pytest.approx(0.65)
+    assert full["test_score"] == pytest.approx(0.85)
+
+
+def test_method_table_diverged_grid_and_advised_rates(monkeypatch, tmp_path):
+    import method_table as mt
+
+    monkeypatch.setattr(mt, "child", lambda *a, **k: {"best_eval_loss": float("nan")})
+    row = mt.run_method(mt.parse([]), "lora", 2e-4, tmp_path, tmp_path)
+    assert "error" in row and set(row["grid"]) == {"6e-05", "0.0002", "0.0006"}
+    monkeypatch.setattr(mt, "parameter_count", lambda model: 134_515_008)
+    advised = mt.advised_rates("any", ["full", "lora", "prompt", "prefix"], 1000)
+    assert advised["full"][0] < advised["lora"][0]
+    for method in ("prompt", "prefix"):  # method-appropriate: the planner's, or the bench's marked table
+        assert advised[method][0] >= mt.PROMPT_LEARNING_FLOOR
+
+
+@pytest.mark.slow
+def test_method_table_quick_end_to_end():
+    record, lines = run_bench(ROOT / "bench" / "method_table.py", "--quick", "--methods", "full,lora", "--grid", "1",
+                              "--json", timeout=1800)
+    methods = record["methods"]
+    assert set(methods) == {"full", "lora"}
+    for row in methods.values():
+        assert {"advised", "grid", "best_rate", "test_scores", "relative_to_full", "merges"} <= set(row)
+        assert len(row["test_scores"]) == 2
+    expected = methods["lora"]["test_score"] / methods["full"]["test_score"] if methods["full"]["test_score"] else None
+    assert methods["lora"]["relative_to_full"] == (pytest.approx(expected) if expected is not None else None)

@@ -1,7 +1,8 @@
 """The `tunesmith` command line: one thin function per subcommand; no logic beyond parsing and printing.
 
 Each subcommand group has an `add_<group>(sub)` function that builds its parser (through `command`, so that its
-help ends with an example) and thin `cmd_*` handlers, listed in `build_parser`; handlers import their modules
+help ends with an example) and thin `cmd_*` handlers, listed in `build_parser` (the larger groups live beside this
+file: cli_data.py, cli_runs.py); handlers import their modules
 lazily so that `tunesmith --help` stays fast. `main` is the one place errors become `error:`/`hint:` lines and
 exit statuses (see EXIT_STATUSES).
 """
@@ -65,7 +66,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     check_run_paths(config, args.config)  # before the model loads: every missing path in one message
-    summary = run_finetune(config, resume=args.resume)
+    from tunesmith.recipes.continual import needs_continual, run_continual  # continual/multi-task: recipes/continual.py
+
+    if args.continue_from:
+        config.continual.continue_from = args.continue_from
+    summary = run_continual(config, args.resume) if needs_continual(config) else run_finetune(config, resume=args.resume)
     print(json.dumps(summary.to_dict() if summary else {}, indent=2) if args.json else "")
     return 0
 
@@ -76,6 +81,8 @@ def add_train(sub) -> None:
     p.add_argument("config", help="run config (YAML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.learning_rate=1e-4")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--continue-from", default=None, metavar="NAME@VERSION|RUN_DIR",
+                   help="start from an earlier run's weights and record the lineage (continual fine-tuning)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
     p.set_defaults(func=cmd_train)
 
@@ -116,326 +123,6 @@ def add_models(sub) -> None:
     f = command(msub, "fetch-reference", "convert the packaged SmolLM2-135M-Instruct GGUF into the local cache",
                 "tunesmith models fetch-reference")
     f.set_defaults(func=cmd_models_fetch_reference)
-
-
-# ---------------------------------------------------------------------------------------------- data
-def _prepare_options(args: argparse.Namespace):
-    from tunesmith.data.columns import parse_columns
-    from tunesmith.data.prepare import PrepareOptions
-
-    return PrepareOptions(
-        format=args.format, dedup=tuple(k for k in args.dedup.split(",") if k not in ("", "none")),
-        near_threshold=args.near_threshold,
-        num_perm=args.num_perm, shingle=args.shingle, pii=args.pii, max_tokens=args.max_tokens,
-        trim_percentile=args.trim_percentile, seq_len=args.seq_len, split=args.split, seed=args.seed,
-        tokenizer=args.tokenizer, stratify_clusters=args.stratify_clusters, remove_leakage=args.remove_leakage,
-        clusters=args.clusters, embedder=args.embedder, diversity=not args.no_diversity,
-        columns=parse_columns(args.columns),
-    )
-
-
-def _print_counts(manifest: dict) -> None:
-    rows = ("input", "kept", "quarantined", "duplicates_exact", "duplicates_near", "trimmed", "pii_dropped",
-            "leakage_removed")
-    for row in rows:
-        print(f"{row:>17}: {manifest[row]}")
-    print(f"{'pii':>17}: {manifest['pii'] or 'none'} (mode {manifest['pii_mode']})")
-    for name, split_info in manifest["splits"].items():
-        print(f"{name:>17}: {split_info['count']} {split_info['hash']}")
-    print(f"identity {'holds' if manifest['identity']['holds'] else 'BROKEN'}: {manifest['identity']['formula']}")
-    kept_lengths = manifest["lengths"]["after_trim"]
-    if kept_lengths.get("count"):
-        print(f"lengths in {manifest['lengths']['unit']}: p50 {kept_lengths['p50']}, p99 {kept_lengths['p99']}, "
-              f"max {kept_lengths['max']}; over seq_len {kept_lengths.get('seq_len')}: {kept_lengths.get('over_seq_len')}")
-    if manifest["diversity"].get("sizes"):
-        print(f"diversity: {manifest['diversity']['clusters']} clusters, largest {manifest['diversity']['largest_share']:.0%}, "
-              f"near-empty {manifest['diversity']['near_empty'] or 'none'} ({manifest['diversity']['embedder']})")
-    if manifest["leakage"]["pairs"]:
-        print(f"leakage: {len(manifest['leakage']['pairs'])} validation/test records near-duplicate train records")
-
-
-def cmd_data_check(args: argparse.Namespace) -> int:
-    _quiet_libraries()
-    from tunesmith.data.prepare import check
-
-    manifest = check(args.files, _prepare_options(args)).to_dict()
-    if args.json:
-        print(json.dumps(manifest, indent=2, ensure_ascii=False))
-    else:
-        _print_counts(manifest)
-        for reason, count in manifest["quarantine_reasons"].items():
-            print(f"  quarantined x{count}: {reason}")
-    return 0
-
-
-def cmd_data_prepare(args: argparse.Namespace) -> int:
-    _quiet_libraries()
-    from tunesmith.data.prepare import prepare
-
-    manifest = prepare(args.files, args.out, _prepare_options(args)).to_dict()
-    if args.json:
-        print(json.dumps(manifest, indent=2, ensure_ascii=False))
-    else:
-        _print_counts(manifest)
-        print(f"wrote {Path(args.out) / 'manifest.json'} and {manifest['report']['markdown']}")
-    return 0
-
-
-def cmd_data_convert(args: argparse.Namespace) -> int:
-    from tunesmith.atomic import write_text as atomic_write_text
-    from tunesmith.data.columns import parse_columns
-    from tunesmith.data.convert import convert_file, to_jsonl
-
-    records, problems = convert_file(args.file, args.to, args.format, parse_columns(args.columns))
-    for problem in problems:
-        where = f"{problem['file']}:{problem['line']}"
-        field = f" field '{problem['field']}'" if problem["field"] else ""
-        print(f"skipped {where}{field}: {problem['reason']}", file=sys.stderr)
-    if args.out:
-        atomic_write_text(Path(args.out), to_jsonl(records))
-        print(f"wrote {len(records)} records to {args.out} ({len(problems)} skipped)", file=sys.stderr)
-    else:
-        sys.stdout.write(to_jsonl(records))
-    return 1 if problems else 0
-
-
-def _add_data_common(p) -> None:
-    p.add_argument("files", nargs="+", metavar="FILE", help="JSONL, JSON, CSV, Parquet files, saved datasets folders "
-                   "(FOLDER[:SPLIT]) or hub datasets (hf:ORG/NAME[:SPLIT][@REVISION])")
-    p.add_argument("--columns", default=None, metavar="NAME=COLUMN,...",
-                   help="map non-standard fields, e.g. prompt=question,response=answer (names: prompt/instruction, "
-                   "query/input, response/output, system, tools, messages, conversations, text, role, content)")
-    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages", "chatml"],
-                   help="record format for every file (default: detected per file)")
-    p.add_argument("--dedup", default="exact,near", help="dedup kinds: exact,near | exact | near | none")
-    p.add_argument("--near-threshold", type=float, default=0.8, help="Jaccard of word shingles for near duplicates")
-    p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
-    p.add_argument("--shingle", type=int, default=5, help="words per shingle")
-    p.add_argument("--pii", default="redact", choices=["report", "redact", "drop"], help="what to do with PII")
-    p.add_argument("--max-tokens", type=int, default=None, help="trim records longer than this")
-    p.add_argument("--trim-percentile", type=float, default=None, help="trim records above this length percentile")
-    p.add_argument("--seq-len", type=int, default=512, help="training sequence length (count would-be-truncated)")
-    p.add_argument("--split", default="0.9,0.05,0.05", help="train,validation,test fractions")
-    p.add_argument("--seed", type=int, default=0, help="split seed")
-    p.add_argument("--tokenizer", default=None, metavar="MODEL",
-                   help="measure lengths with this model's tokenizer (default: a labelled word-count estimate)")
-    p.add_argument("--stratify-clusters", action="store_true", help="split each diversity cluster proportionally")
-    p.add_argument("--remove-leakage", action="store_true",
-                   help="remove validation/test records that near-duplicate a train record")
-    p.add_argument("--clusters", type=int, default=None, help="k-means clusters (default sqrt(n/2) in [2, 20])")
-    p.add_argument("--embedder", default="auto", choices=["auto", "minilm", "tfidf"], help="diversity embeddings")
-    p.add_argument("--no-diversity", action="store_true", help="skip embedding and clustering")
-    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
-
-
-def add_data(sub) -> None:
-    p = command(sub, "data", "validate, convert, deduplicate, screen, split and report a dataset",
-                "tunesmith data prepare raw.jsonl --out data/")
-    dsub = p.add_subparsers(dest="data_command", required=True)
-    c = command(dsub, "check", "validate and report; writes nothing", "tunesmith data check raw.jsonl --pii report")
-    _add_data_common(c)
-    c.set_defaults(func=cmd_data_check)
-    r = command(dsub, "prepare", "write cleaned splits, quarantine, manifest and report",
-                "tunesmith data prepare raw.jsonl --out data/ --split 0.9,0.05,0.05")
-    _add_data_common(r)
-    r.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    r.set_defaults(func=cmd_data_prepare)
-    v = command(dsub, "convert", "rewrite a file in another format (JSONL)",
-                "tunesmith data convert chats.json --to messages --out chats.jsonl")
-    v.add_argument("file", metavar="FILE")
-    v.add_argument("--to", required=True, choices=["alpaca", "sharegpt", "messages", "chatml"])
-    v.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages", "chatml"])
-    v.add_argument("--out", default=None, metavar="FILE", help="output JSONL (default: stdout)")
-    v.add_argument("--columns", default=None, metavar="NAME=COLUMN,...", help="map non-standard fields (as in data check)")
-    v.set_defaults(func=cmd_data_convert)
-
-
-# ---------------------------------------------------------------------------------------------- runs
-def _runs_print(value, as_json: bool, text: str) -> None:
-    print(json.dumps(value, indent=2, default=str) if as_json else text)
-
-
-def _runs_table(rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
-
-
-def _short(digest: str | None) -> str:
-    return digest.removeprefix("sha256:")[:12] if digest else "-"
-
-
-def cmd_runs_register(args: argparse.Namespace) -> int:
-    from tunesmith.registry.runs import register_run
-
-    r = register_run(args.run_dir, url=args.registry, continued_from=args.continued_from,
-                     merged_from=args.merged_from, status=args.status, name=args.name, artifacts=args.artifacts)
-    verb = "registered" if r["created"] else "updated"
-    _runs_print(r, args.json, f"{verb} {r['ref']} (status {r['status']}, adapter {_short(r['adapter_digest'])})")
-    return 0
-
-
-def cmd_runs_list(args: argparse.Namespace) -> int:
-    from tunesmith.registry.runs import list_runs
-
-    runs = list_runs(args.registry, name=args.name, include_archived=args.all)
-    rows = [["RUN", "STATUS", "METHOD", "BASE", "DATA", "ADAPTER", "BEST_EVAL", "ALIASES", "CREATED"]]
-    rows += [[r["ref"], r["status"], r["method"] or "-", r["base_model"] or "-", _short(r["data_hash"]),
-              _short(r["adapter_digest"]), "-" if r["best_eval_loss"] is None else f"{r['best_eval_loss']:.4g}",
-              ",".join(r["aliases"]) or "-", r["created_at"][:19]] for r in runs]
-    _runs_print(runs, args.json, _runs_table(rows) if runs else "no runs registered (tunesmith runs register RUN_DIR)")
-    return 0
-
-
-def cmd_runs_show(args: argparse.Namespace) -> int:
-    from tunesmith.registry.runs import show_run
-
-    r = show_run(args.ref, args.registry)
-    skip = {"config", "config_yaml", "summary", "eval", "data_manifest"}
-    lines = [f"{k:16} {v}" for k, v in r.items() if k not in skip]
-    lines += ["summary:", json.dumps(r["summary"], indent=2), "eval:", json.dumps(r["eval"], indent=2),
-              "config:", r["config_yaml"].rstrip()]
-    _runs_print(r, args.json, "\n".join(lines))
-    return 0
-
-
-def cmd_runs_compare(args: argparse.Namespace) -> int:
-    from tunesmith.registry.compare import compare_runs, format_comparison
-
-    result = compare_runs(args.a, args.b, args.registry)
-    _runs_print(result, args.json, format_comparison(result))
-    return 0
-
-
-def cmd_runs_promote(args: argparse.Namespace) -> int:
-    from tunesmith.registry.aliases import promote
-
-    r = promote(args.ref, args.alias, args.registry)
-    text = f"{args.alias} -> {r['ref']} (revision {r['revision']}, previously {r['previous'] or 'unset'})"
-    _runs_print(r, args.json, text if r["changed"] else f"{args.alias} already points at {r['ref']}")
-    return 0
-
-
-def cmd_runs_rollback(args: argparse.Namespace) -> int:
-    from tunesmith.registry.aliases import rollback
-
-    r = rollback(args.alias, args.registry)
-    _runs_print(r, args.json, f"{args.alias} -> {r['ref']} (rolled back from {r['previous']}, revision {r['revision']})")
-    return 0
-
-
-def cmd_runs_aliases(args: argparse.Namespace) -> int:
-    from tunesmith.registry.aliases import alias_history, list_aliases
-
-    if args.alias:
-        events = alias_history(args.alias, args.registry)
-        rows = [["REV", "ACTION", "RUN", "PREVIOUS", "AT"]]
-        rows += [[e["revision"], e["action"], e["ref"], e["previous"] or "-", e["at"][:19]] for e in events]
-        _runs_print(events, args.json, _runs_table(rows))
-        return 0
-    aliases = list_aliases(args.registry)
-    rows = [["ALIAS", "RUN", "REVISION", "ADAPTER", "UPDATED"]]
-    rows += [[a["alias"], a["ref"], a["revision"], _short(a["adapter_digest"]), a["updated_at"][:19]] for a in aliases]
-    _runs_print(aliases, args.json, _runs_table(rows) if aliases else "no aliases (tunesmith runs promote NAME@VERSION --alias NAME)")
-    return 0
-
-
-def cmd_runs_lineage(args: argparse.Namespace) -> int:
-    from tunesmith.registry.runs import lineage
-
-    r = lineage(args.ref, args.registry)
-    lines = [r["ref"]] + [f"  ancestor   {'  ' * (a['depth'] - 1)}{a['ref']} ({a['relation']})" for a in r["ancestors"]]
-    lines += [f"  descendant {'  ' * (d['depth'] - 1)}{d['ref']} ({d['relation']})" for d in r["descendants"]]
-    _runs_print(r, args.json, "\n".join(lines))
-    return 0
-
-
-def cmd_runs_archive(args: argparse.Namespace) -> int:
-    from tunesmith.registry.runs import set_archived
-
-    r = set_archived(args.ref, args.registry, restore=args.restore)
-    _runs_print(r, args.json, f"{r['ref']}: {r['status']}")
-    return 0
-
-
-def cmd_runs_gc(args: argparse.Namespace) -> int:
-    from tunesmith.registry.maintenance import gc
-
-    r = gc(args.registry, grace_seconds=args.grace_seconds, dry_run=args.dry_run)
-    verb = "would delete" if r["dry_run"] else "deleted"
-    text = (f"{verb} {len(r['deleted'])} of {r['artifacts_before']} artifacts ({r['freed_bytes']} bytes), "
-            f"{len(r['stray_objects_deleted'])} stray objects, {r['staging_deleted']} staging folders; kept {r['kept']}")
-    _runs_print(r, args.json, text)
-    return 0
-
-
-def cmd_runs_check(args: argparse.Namespace) -> int:
-    from tunesmith.registry.maintenance import check
-
-    r = check(args.registry, deep=args.deep)
-    text = "\n".join([f"{r['runs']} runs, {r['artifacts']} artifacts, {len(r['stray_objects'])} stray objects "
-                      f"(tunesmith runs gc removes them): {'consistent' if r['ok'] else 'PROBLEMS'}", *r["problems"]])
-    _runs_print(r, args.json, text)
-    return 0 if r["ok"] else 1
-
-
-def cmd_runs_export(args: argparse.Namespace) -> int:
-    from tunesmith.registry.export import export_run
-
-    r = export_run(args.ref, args.out, args.registry)
-    _runs_print(r, args.json, f"exported {r['ref']} to {r['out']} ({len(r['files'])} files"
-                              f"{', PEFT layout' if r['peft_layout'] else ', full model folder'})")
-    return 0
-
-
-def add_runs(sub) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--registry", default=None, metavar="URL",
-                        help="SQLAlchemy URL or path (default: $TUNESMITH_REGISTRY, else runs/registry.db)")
-    common.add_argument("--json", action="store_true", help="print the result as JSON")
-    p = command(sub, "runs", "the run registry: list, compare, promote, roll back, export runs",
-                "tunesmith runs show contracts@latest")
-    rsub = p.add_subparsers(dest="runs_command", required=True)
-
-    def runs_command(name: str, func, help: str, example: str) -> argparse.ArgumentParser:
-        q = command(rsub, name, help, f"tunesmith runs {example}", parents=[common])
-        q.set_defaults(func=func)
-        return q
-
-    q = runs_command("register", cmd_runs_register, "record a run directory as the next version of its name", "register runs/demo")
-    q.add_argument("run_dir", metavar="RUN_DIR")
-    q.add_argument("--continued-from", default=None, metavar="REF", help="parent run (NAME@VERSION) it continued")
-    q.add_argument("--merged-from", action="append", default=[], metavar="REF", help="a run merged into it (repeat)")
-    q.add_argument("--name", default=None, help="register under this name (default: the run's own name)")
-    q.add_argument("--status", default=None, choices=["running", "finished", "failed"], help="default: finished if summary.json exists, else failed")
-    q.add_argument("--artifacts", default=None, metavar="URL", help="artifact store (folder or fsspec URL) for a new registry")
-    q = runs_command("list", cmd_runs_list, "list registered runs", "list --name contracts")
-    q.add_argument("--name", default=None, help="only versions of this name")
-    q.add_argument("--all", action="store_true", help="include archived runs")
-    q = runs_command("show", cmd_runs_show, "everything recorded for one run", "show contracts@latest --json")
-    q.add_argument("ref", metavar="REF", help="NAME@VERSION, NAME@latest, NAME or an alias")
-    q = runs_command("compare", cmd_runs_compare, "config differences and metrics of two runs side by side", "compare contracts@1 contracts@2")
-    q.add_argument("a", metavar="REF_A")
-    q.add_argument("b", metavar="REF_B")
-    q = runs_command("promote", cmd_runs_promote, "point an alias at a run (history kept)", "promote contracts@2 --alias production")
-    q.add_argument("ref", metavar="NAME@VERSION")
-    q.add_argument("--alias", required=True, help="e.g. production")
-    q = runs_command("rollback", cmd_runs_rollback, "give an alias back to its previous holder", "rollback --alias production")
-    q.add_argument("--alias", required=True)
-    q = runs_command("aliases", cmd_runs_aliases, "list aliases, or one alias's history", "aliases production")
-    q.add_argument("alias", nargs="?", default=None)
-    q = runs_command("lineage", cmd_runs_lineage, "ancestors and descendants of a run", "lineage contracts@2")
-    q.add_argument("ref", metavar="REF")
-    q = runs_command("archive", cmd_runs_archive, "hide a run from list and from promotion (artifacts kept)", "archive contracts@1")
-    q.add_argument("ref", metavar="REF")
-    q.add_argument("--restore", action="store_true", help="un-archive")
-    q = runs_command("gc", cmd_runs_gc, "delete artifacts no run refers to", "gc --dry-run")
-    q.add_argument("--dry-run", action="store_true", help="report what would be deleted")
-    q.add_argument("--grace-seconds", type=float, default=3600.0, help="keep anything touched more recently (in-flight registrations)")
-    q = runs_command("check", cmd_runs_check, "verify every record points at complete artifacts (exit 1 if not)", "check --deep")
-    q.add_argument("--deep", action="store_true", help="also re-hash every artifact's files")
-    q = runs_command("export", cmd_runs_export, "write a self-contained folder (PEFT adapter + model card)", "export contracts@2 --out export/contracts")
-    q.add_argument("ref", metavar="NAME@VERSION")
-    q.add_argument("--out", required=True, metavar="DIR")
 
 
 # --------------------------------------------------------------------------------------------- merge
@@ -652,11 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error (or TUNESMITH_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from tunesmith.cli_data import add_data  # the `data` and `runs` groups: cli_data.py, cli_runs.py
+    from tunesmith.cli_runs import add_runs
+
     for add in (add_train, add_config, add_models, add_data, add_runs, add_merge, add_serve, add_eval, add_plan):
         add(sub)
     from tunesmith.ui.cli import add_ui  # `tunesmith ui` (the dashboard): its flags live in ui/cli.py
 
     add_ui(sub)
+    from tunesmith.recipes.continual_cli import add_continual  # `multitask`, `merge-adapters`
+
+    add_continual(sub)
     return parser
 
 

@@ -27,6 +27,7 @@ def test_every_positive_is_found_and_only_its_span_redacted(case):
     text = case["text"]
     spans = pii.find_pii(text)
     assert [kind for kind, _, _ in spans] and {kind for kind, _, _ in spans} == {case["type"]}, spans
+    assert [text[s:e] for _, s, e in spans] == case["values"]  # exactly the secret, not its key name or a neighbour
     redacted = pii.redact(text, spans)
     for _, start, end in spans:
         assert text[start:end] not in redacted  # the value is gone ...

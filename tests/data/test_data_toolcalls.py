@@ -73,7 +73,7 @@ def test_openai_tool_calls_ids_and_weights():
      "not valid JSON"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [{"function": {}}]}]},
      "messages[1].tool_calls[0].function.name", "missing"),
-    ({"messages": [{"role": "user", "content": "a", "tool_calls": []}, {"role": "assistant", "content": "b"}]},
+    ({"messages": [{"role": "user", "content": "a", "tool_calls": [{}]}, {"role": "assistant", "content": "b"}]},
      "messages[0].tool_calls", "only assistant turns"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tools": "[{"},
      "tools", "not valid JSON"),
@@ -91,6 +91,13 @@ def test_bad_tool_records_name_the_field(record, field, words):
     with pytest.raises(RecordError) as caught:
         parse_record(record, fmt, "f.jsonl", 7)
     assert (caught.value.line, caught.value.field) == (7, field) and words in caught.value.reason
+
+
+def test_empty_or_null_tool_calls_are_no_calls():
+    record = {"messages": [{"role": "user", "content": "a", "tool_calls": None},
+                           {"role": "assistant", "content": "b", "tool_calls": []}]}
+    assert parse_record(record, "messages", "f", 1).messages == [{"role": "user", "content": "a"},
+                                                                 {"role": "assistant", "content": "b"}]
 
 
 def test_content_parts_are_joined_and_non_text_parts_quarantined():
@@ -206,9 +213,11 @@ def test_template_without_tool_support_falls_back_with_one_notice(caplog):
     assert stats.notices == notices and stats.examples_out == 4
     full = tokenizer.decode(examples[1].input_ids)
     assert "<tools>" in full and "<|im_start|>user\n<tool_response>" in full and "<|im_start|>tool" not in full
-    text = labelled_text(tokenizer, examples[1])
-    assert text.startswith("Let me check both cities.\n<tool_call>\n") and "<tool_response>" not in text
-    assert text.count("<|im_end|>") == 2
+    oslo = '{"name": "get_current_weather", "arguments": {"location": "Oslo, Norway"}}'
+    helsinki = '{"name": "get_current_weather", "arguments": {"location": "Helsinki, Finland"}}'
+    assert labelled_text(tokenizer, examples[1]) == (  # the same trained text as with template support
+        f"Let me check both cities.\n<tool_call>\n{oslo}\n</tool_call>\n<tool_call>\n{helsinki}\n</tool_call>"
+        "<|im_end|>\nHelsinki is colder: -7 °C against -3 °C in Oslo.<|im_end|>\n")
 
 
 @pytest.mark.parametrize("path,index,expected", [
@@ -239,3 +248,26 @@ def test_prepared_splits_keep_tools_and_calls(tmp_path):
     assert sum("tools" in r for r in rows) == 7
     assert sum(1 for r in rows for m in r["messages"] if m.get("tool_calls")) == 4 + 3  # calling turns in the files
     assert "Conversations with tools or tool calls: 7." in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_lengths_measure_tool_conversations_as_training_renders_them(tool_tokenizer):
+    from tunesmith.data import lengths
+
+    conversations = load_records([OPENAI]).conversations
+    measured, unit = lengths.token_lengths(conversations, tool_tokenizer)
+    assert measured == [len(render_example(tool_tokenizer, c).input_ids) for c in conversations]
+    words, _ = lengths.token_lengths(conversations)
+    assert words[0] > len(conversations[0].messages[0]["content"].split())  # the call's JSON counts too
+
+
+def test_cli_convert_between_dialects(tmp_path, capsys):
+    from tunesmith.cli import main
+
+    out = tmp_path / "messages.jsonl"
+    assert main(["data", "convert", str(TOOLS), "--to", "messages", "--out", str(out)]) == 1  # one record skipped
+    err = capsys.readouterr().err
+    assert f"skipped {TOOLS}:5 field 'conversations[1].value'" in err and "wrote 4 records" in err
+    back = tmp_path / "sharegpt.jsonl"
+    assert main(["data", "convert", str(out), "--to", "sharegpt", "--out", str(back)]) == 0
+    assert [c.canonical() for c in load_records([back]).conversations] == \
+        [c.canonical() for c in load_records([TOOLS]).conversations]

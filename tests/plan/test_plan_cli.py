@@ -74,3 +74,18 @@ def test_errors_name_the_flag(capsys):
     assert "--gpu-memory" in capsys.readouterr().err
     assert main(["plan", "--model", "/nonexistent/model-folder-xyz"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_json_is_a_plan_report_record(capsys, tmp_path):
+    from tunesmith.records.plan import SCHEMA_VERSION, PlanRecordError, PlanReport
+
+    plan = _plan_json(capsys, "--model", "HuggingFaceTB/SmolLM2-135M-Instruct", "--gpu-memory", "24GB")
+    assert plan["schema_version"] == SCHEMA_VERSION
+    report = PlanReport.from_dict(plan)
+    assert report.methods["lora"].trainable_params == plan["methods"]["lora"]["trainable_params"]
+    path = report.write(tmp_path / "plan.json")
+    assert PlanReport.read(path).to_dict() == plan
+    import pytest
+
+    with pytest.raises(PlanRecordError, match="schema_version"):
+        PlanReport.from_dict({**plan, "schema_version": 99})

@@ -5,6 +5,9 @@ how to register later and leaves the run directory intact."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,8 @@ import yaml
 
 from tunesmith.cli import main
 from tunesmith.hashing import file_sha256
+
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 @pytest.fixture
@@ -57,6 +62,14 @@ def test_train_registers_and_runs_show_finds_everything(project, capsys):
     logs = {f["path"] for f in art.read_manifest(store, record["logs_digest"])["files"]}
     assert logs == {"metrics.jsonl", "loss_curves.png"}
     assert Path(record["run_dir"]) == run_dir.resolve()
+    # `tunesmith runs show demo --json | head`, with the reader gone before the first byte: quiet, status 141
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    env.pop("PYTHONUNBUFFERED", None)  # users' stdout is buffered (see tests/core/test_cli.py)
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "runs", "show", "demo", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=project)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
 
 
 def test_a_failed_registration_exits_1_and_says_how_to_register_later(project, capsys, monkeypatch):

@@ -186,7 +186,7 @@ def parse_messages(record: dict, where) -> list[dict[str, Any]]:
         role = _require_str(turn, "role", where, f"{path}.role")
         if role not in ROLES:
             raise RecordError(*where, f"{path}.role", f"unknown role {role!r}")
-        calls = turn.get("tool_calls")
+        calls = turn.get("tool_calls") or None  # exports often write [] or null on turns without calls
         if calls is not None and role != "assistant":
             raise RecordError(*where, f"{path}.tool_calls", f"only assistant turns call tools, not {role}")
         if "content" not in turn and not calls:

@@ -37,7 +37,6 @@ from functools import lru_cache
 from typing import Any
 
 TYPES = ("PRIVATE_KEY", "JWT", "API_KEY", "SECRET", "EMAIL", "CREDIT_CARD", "IBAN", "SSN", "IP_ADDRESS", "PHONE")
-SECRET_TYPES = ("PRIVATE_KEY", "JWT", "API_KEY", "SECRET")
 Span = tuple[str, int, int]
 
 # ------------------------------------------------------------------------------------------- secrets
@@ -104,8 +103,15 @@ def _keyword_hint() -> re.Pattern:
     return re.compile(rf"(?:{keys})[\w'\"\]\s]{{0,8}}(?:[:=]|=>)|[=!]=\s*['\"]", re.IGNORECASE)
 
 
+# Substrings every key of detect-secrets' keyword list (and "token") contains: a cheap test before the hint regex.
+_KEY_WORDS = ("key", "pass", "pwd", "secret", "token", "contrase")
 _PLACEHOLDER_WORDS = ("example", "your", "here", "xxxx", "changeme", "placeholder", "redacted", "dummy", "fake",
                       "sample", "****", "<", ">", "{", "}", "[", "]")
+
+
+def _clean(value: str) -> str:
+    """An assigned value without surrounding whitespace, quotes and separators."""
+    return value.strip().strip("\"'`;,")
 
 
 def _credential_value(value: str, line: str) -> bool:
@@ -113,7 +119,7 @@ def _credential_value(value: str, line: str) -> bool:
     random-looking (>= 8 characters, >= 2 character classes, Shannon entropy >= 3 bits/character)."""
     from detect_secrets.filters import heuristic
 
-    value = value.strip().strip("\"'`;,")
+    value = _clean(value)
     if len(value) < 8 or any(word in value.lower() for word in _PLACEHOLDER_WORDS) or "://" in value:
         return False
     if heuristic.is_templated_secret(value) or heuristic.is_prefixed_with_dollar_sign(value) \
@@ -129,18 +135,25 @@ def _secret_spans(text: str) -> list[Span]:
     found += [("JWT", *m.span()) for m in _JWT.finditer(text) if _jwt_valid(m.group())]
     found += [("API_KEY", *m.span()) for m in _EXTRA_KEYS.finditer(text)]
     for pattern, group in _vendor_patterns():
-        found += [("API_KEY", *m.span(group)) for m in pattern.finditer(text) if m.group(group)]
+        for m in pattern.finditer(text):
+            if m.group(group):
+                start, end = m.span(group)
+                key_name = re.match(r"[A-Za-z_]+=", m.group(group))  # Azure's `AccountKey=`: keep the name
+                found.append(("API_KEY", start + (key_name.end() if key_name else 0), end))
     found += [("SECRET", *m.span(1)) for m in _basic_auth().finditer(text)]
+    if not any(word in text.lower() for word in _KEY_WORDS):
+        return found
     for line_match in re.finditer(r"[^\n]+", text):
         line, offset = line_match.group(), line_match.start()
-        if not _keyword_hint().search(line):
+        if not any(word in line.lower() for word in _KEY_WORDS) or not _keyword_hint().search(line):
             continue
         for pattern, group in _assignment_patterns():
             for m in pattern.finditer(line):
                 value = m.group(group)
                 if value and _credential_value(value, line):
-                    start = offset + m.start(group) + (len(value) - len(value.lstrip("\"'`")))
-                    found.append(("SECRET", start, start + len(value.strip().strip("\"'`;,"))))
+                    clean = _clean(value)
+                    start = offset + m.start(group) + value.index(clean)
+                    found.append(("SECRET", start, start + len(clean)))
     return found
 
 

@@ -229,7 +229,7 @@ def run_pipeline(files: list[str], options: PrepareOptions, tokenizer: Any | Non
                     "bands_rows": list(dedup.lsh_params(options.near_threshold, options.num_perm))},
         formats=loaded.formats,
         tool_conversations=sum(1 for items in splits.values() for c in items
-                               if c.tools or any(m["role"] == "tool" for m in c.messages)),
+                               if c.tools or any(m["role"] == "tool" or m.get("tool_calls") for m in c.messages)),
         files=[{"path": str(f), "sha256": _file_sha256(f)} for f in files],
         options={**asdict(options), "dedup": list(options.dedup)},
     )

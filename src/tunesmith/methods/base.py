@@ -104,6 +104,8 @@ class Method:
     # at the folder itself.
     export_pair: bool = True
     supports_gradient_checkpointing: bool = True
+    # FSDP2 sharding (train/sharding.py) shards the live modules; prompt learning's saved embeddings would be shards.
+    supports_sharding: bool = True
     # Packing feeds a 4-D block-diagonal mask and per-example positions; prompt-learning methods prepend virtual
     # tokens that such a mask cannot describe, so the trainer refuses packing when this is False.
     supports_packing: bool = True

@@ -108,7 +108,8 @@ def assumptions(req: PlanRequest, start: Start, data: dict | None) -> list[str]:
         "activations: SDPA/flash attention (no seq x seq scores kept), LoRA dropout 0.05; the loss computes logits only "
         f"at labelled positions (tunesmith's trainer; prompt tuning takes the full-logits path), fp32 for the loss: {labelled}",
         "peak = persistent state + max(activations at the start of backward, gradients at the optimizer step); with accumulation the gradients are added",
-        "sharded = FSDP2 full sharding through accelerate (parameters, gradients, optimizer / N, + two unsharded layers); replicated = data parallel",
+        "sharded = FSDP2 full sharding (train.sharding=fsdp, launched with torchrun; parameters, gradients, optimizer / N, "
+        "+ two unsharded layers; prompt learning is not sharded); replicated = data parallel; QLoRA under FSDP2 is not tested by tunesmith",
         "learning rate not scaled: the effective batch is kept constant by gradient accumulation",
         f"framework overhead: {'1 GiB CUDA context and workspaces per GPU' if req.device != 'cpu' else '48 MiB runtime scratch'}",
     ]
@@ -273,17 +274,23 @@ def run_config(req: PlanRequest, plan: PlanReport) -> RunConfig:
     t.gradient_accumulation_steps = knobs.gradient_accumulation_steps
     t.gradient_checkpointing = knobs.gradient_checkpointing
     t.optimizer = knobs.optimizer
+    if knobs.strategy == "sharded":
+        t.sharding = "fsdp"
+        t.fsdp_cpu_offload = knobs.cpu_offload
     return config
 
 
-def planned_peak(config: RunConfig, budget: Budget, strategy: str = "single", labelled_fraction: float | None = None,
+def planned_peak(config: RunConfig, budget: Budget, strategy: str | None = None, labelled_fraction: float | None = None,
                  facts: ModelFacts | None = None) -> int:
-    """The planner's per-GPU peak for a run config as written (what `--write` promises and the bench measures)."""
+    """The planner's per-GPU peak for a run config as written (what `--write` promises and the bench measures);
+    the strategy follows the config (train.sharding, train.fsdp_cpu_offload) unless given."""
     facts = facts or model_facts(config.model.name_or_path)
     t = config.train
+    if strategy is None:
+        strategy = "sharded" if t.sharding == "fsdp" and budget.gpus > 1 else "replicated" if budget.gpus > 1 else "single"
     processes = budget.gpus if strategy != "single" else 1
     knobs = Knobs(t.gradient_checkpointing, t.batch_size, t.gradient_accumulation_steps, t.optimizer,
-                  config.data.max_seq_len, strategy, processes)
+                  config.data.max_seq_len, strategy, processes, strategy == "sharded" and t.fsdp_cpu_offload)
     start = Start(batch_size=t.batch_size, effective_batch=knobs.effective_batch, seq_len=config.data.max_seq_len,
                   optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing,
                   labelled_fraction=1.0 if labelled_fraction is None else labelled_fraction)

@@ -57,15 +57,17 @@ def with_share(sources: list[TaskSource], name: str, records: list[Conversation]
     return [*scaled, TaskSource(name, records, share, origin=origin)]
 
 
-def materialize(config: RunConfig, replay: list[Conversation] | None = None, log=print) -> tuple[RunConfig, dict]:
-    """Write the mixture and the per-task splits; return (a copy of the config that reads them, mixture report).
+def materialize(config: RunConfig, replay: list[Conversation] | None = None,
+                log=print) -> tuple[RunConfig, dict, list[Conversation] | None]:
+    """Write the mixture and the per-task splits; return (a copy of the config that reads them, mixture report,
+    the mixed records with their meta: task, and for replayed records the run they come from).
 
     Without data.datasets the configured train files form the single task `train` (so replay and general data
-    can still be mixed in). Nothing is written when there is nothing to mix (returns the config unchanged, {}).
+    can still be mixed in). Nothing is written when there is nothing to mix (returns the config unchanged, {}, None).
     """
     data = config.data
     if not data.datasets and not replay and not data.general_share:
-        return config, {}
+        return config, {}, None
     folder = inputs_dir(config)
     folder.mkdir(parents=True, exist_ok=True)
     new = config.model_copy(deep=True)
@@ -98,7 +100,7 @@ def materialize(config: RunConfig, replay: list[Conversation] | None = None, log
             new.eval.splits[name] = [str(path.resolve())]
     counts = ", ".join(f"{name} {row['drawn']}" for name, row in report["tasks"].items())
     log(f"training mixture: {len(mixed)} records ({counts}); inputs in {folder}")
-    return new, report
+    return new, report, mixed
 
 
 def add_mixture_to_manifest(run_dir: Path, report: dict[str, Any]) -> None:
@@ -126,7 +128,7 @@ def train_per_task(config: RunConfig, log=print) -> list[dict[str, Any]]:
         single.data.datasets = [task.model_copy(update={"weight": 1.0})]
         single.output.name = f"{base_name}-{task.name}"
         log(f"--- task {task.name}: run {single.output.name}")
-        prepared, report = materialize(single, log=log)
+        prepared, report, _ = materialize(single, log=log)
         summary = run_finetune(prepared)
         run_dir = Path(prepared.output.dir) / single.output.name
         add_mixture_to_manifest(run_dir, report)
@@ -174,3 +176,69 @@ def interference_matrix(config: RunConfig, adapters: dict[str, str | Path], max_
             details[name][task] = {"n": result["n"], "metrics": result["metrics"]}
             log(f"{name} on {task}: {metric} {rows[name][task]}")
     return {"tasks": list(tests), "metric": metric, "rows": rows, "details": details}
+
+
+def merge_runs(sources: list[str], out: str | Path, combination: str = "cat", weights: list[float] | None = None,
+               density: float | None = None, register: bool = True, registry_url: str | None = None,
+               log=print) -> dict[str, Any]:
+    """Merge the LoRA adapters of several runs into one run directory `out` (config.yaml, adapter/, summary.json
+    with merged_from, merge_report.json with the logit drift against the stacked adapters) and register it with
+    `merged_from` lineage when the parents are registered. Refuses mixed base models or non-LoRA runs."""
+    import yaml
+
+    from tunesmith.atomic import write_json, write_text
+    from tunesmith.config import ModelConfig
+    from tunesmith.methods.combine import load_stack, logit_drift, merge_adapters, probe_logits, save_adapter
+    from tunesmith.models.load import load_model, load_tokenizer
+    from tunesmith.recipes.continual import ContinueError, resolve_parent
+    from tunesmith.records.run import RunSummary
+
+    out = Path(out)
+    if len(sources) < 2:
+        raise ConfigError("merge-adapters: give at least two runs to merge")
+    if out.exists():
+        raise ConfigError(f"merge-adapters --out {out}: already exists; choose a new folder")
+    parents = [resolve_parent(ref, registry_url) for ref in sources]
+    bases = {(p.config.get("model") or {}).get("name_or_path") for p in parents}
+    if len(bases) > 1:
+        raise ContinueError(f"merge-adapters: the runs have different base models ({', '.join(map(str, bases))}): "
+                            + ", ".join(f"{p.ref} on {(p.config.get('model') or {}).get('name_or_path')}" for p in parents))
+    not_lora = [f"{p.ref} ({(p.config.get('method') or {}).get('name')})" for p in parents
+                if (p.config.get("method") or {}).get("name") != "lora"]
+    if not_lora:
+        raise ContinueError(f"merge-adapters: only LoRA runs merge; not LoRA: {', '.join(not_lora)}")
+    model_config = ModelConfig.model_validate(parents[0].config.get("model") or {})
+    tokenizer = load_tokenizer(model_config, log=log)
+    names = [f"a{i + 1}" for i in range(len(parents))]
+    folders = {n: p.run_dir / "adapter" for n, p in zip(names, parents, strict=True)}
+    model = load_stack(load_model(model_config, log=log), folders)
+    stacked = probe_logits(model, tokenizer)
+    report = merge_adapters(model, names, "merged", combination, weights, density)
+    report.update(logit_drift(stacked, probe_logits(model, tokenizer)), compared_to="the stacked adapters",
+                  sources=[p.registry_ref or str(p.run_dir) for p in parents])
+    log(f"merged {len(parents)} adapters ({combination}, rank {report['rank']}): max |logit diff| vs stacked "
+        f"{report['max_abs_logit_diff']:.3g}" + (" (exact merge)" if report["exact"] else ""))
+    out.mkdir(parents=True)
+    save_adapter(model, "merged", out / "adapter", base_model=model_config.name_or_path,
+                 extra={"merged_from": report["sources"], "combination": combination})
+    config = dict(parents[0].config)
+    config["output"] = {**(config.get("output") or {}), "name": out.name, "dir": str(out.parent)}
+    config["method"] = {**(config.get("method") or {}), "name": "lora"}
+    config["method"]["lora"] = {**(config["method"].get("lora") or {}), "r": report["rank"],
+                                "alpha": model.peft_config["merged"].lora_alpha}
+    write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    write_json(out / "merge_report.json", report)
+    summary = RunSummary(name=out.name, method="lora", base_model=model_config.name_or_path, run_dir=str(out),
+                         extra={"merged_from": report["sources"], "merge": report})
+    summary.write(out)
+    registered = [p.registry_ref for p in parents if p.registry_ref]
+    if register and len(registered) == len(parents):
+        from tunesmith.registry import register_run
+
+        record = register_run(out, url=registry_url, merged_from=registered)
+        summary.registry = {"name": record["name"], "version": record["version"]}
+        summary.write(out)
+        log(f"registered as {record['ref']}, merged from {', '.join(registered)}")
+    elif register:
+        log("notice: not every source is a registered run; lineage is kept in summary.json only")
+    return {**report, "out": str(out)}

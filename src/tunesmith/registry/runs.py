@@ -42,8 +42,13 @@ def _read_json(path: Path) -> Any:
 
 
 def read_run_dir(run_dir: str | Path) -> dict[str, Any]:
-    """Everything a registration records that lives in the run directory (no hashing of the base model)."""
-    root = Path(run_dir).expanduser().resolve()
+    """Everything a registration records that lives in the run directory (no hashing of the base model).
+    `run_dir` may also name the run's adapter/ folder (records.run.RunDir finds the run directory above it)."""
+    from tunesmith.records.run import RunDir
+
+    given = Path(run_dir).expanduser().resolve()
+    found = RunDir.find(given) if given.exists() else None
+    root = found.root if found is not None and found.root is not None else given
     config_file = root / "config.yaml"
     if not config_file.is_file():
         raise RegistryError(f"{config_file}: missing; is {root} a run directory written by `tunesmith train`?")

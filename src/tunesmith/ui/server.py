@@ -2,7 +2,8 @@
 
 Loopback (127.0.0.1, ::1, localhost) is the default. Binding anywhere else exposes run data to the network, so it
 needs an admin key, and then every /api request must carry it. On loopback the server also checks the Host
-header (DNS-rebinding guard), so only http://127.0.0.1:PORT and http://localhost:PORT reach it.
+header (DNS-rebinding guard), so only http://127.0.0.1:PORT and http://localhost:PORT reach it. The server speaks
+plain HTTP: across a network, put it behind a TLS proxy, or the key travels in clear text.
 """
 
 from __future__ import annotations
