@@ -114,7 +114,8 @@ def check_supported(accelerator, method, model, loss_terms: list[Any]) -> None:
     if not is_sharded(accelerator):
         return
     peft_configs = getattr(model, "peft_config", None) or {}
-    if any(getattr(c, "is_prompt_learning", False) for c in peft_configs.values()):
+    prompt_learning = any(getattr(c, "is_prompt_learning", False) for c in peft_configs.values())
+    if not getattr(method, "supports_sharding", True) or prompt_learning:
         raise ConfigError(f"method.name={method.name}: prompt-learning methods (prefix, prompt) are not supported with "
                           "FSDP sharding (peft builds their virtual tokens outside the sharded modules); use data "
                           "parallelism (train.sharding=none)")
