@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from tests.train.conftest import read_metrics
 from tests.train.procs import (
     ENV,
+    cpu_only,
     descendants,
     finish,
     logged_steps,
@@ -34,6 +35,12 @@ from tunesmith.recipes.finetune import run_finetune
 from tunesmith.train.checkpoint import PAUSE_ENV
 
 STEPS = ["train.max_steps=6", "train.eval_steps=1", "train.save_steps=2", "method.lora.dropout=0.1"]
+
+
+@pytest.fixture(autouse=True)
+def _cpu(monkeypatch, request):
+    if "gpu" not in request.keywords:
+        cpu_only(monkeypatch)
 
 
 def quiet(*_a, **_k):

@@ -16,10 +16,16 @@ import torch
 from safetensors.torch import load_file
 
 from tests.train.conftest import read_metrics
-from tests.train.procs import rank_pid, run_train, sigkill, start_train, wait_for, write_config
+from tests.train.procs import cpu_only, rank_pid, run_train, sigkill, start_train, wait_for, write_config
 from tunesmith.recipes.finetune import run_finetune
 
 FP32 = "train.precision=fp32"  # bf16 autocast on one side and FSDP's bf16 parameter gather on the other would differ
+
+
+@pytest.fixture(autouse=True)
+def _cpu(monkeypatch, request):
+    if "gpu" not in request.keywords:
+        cpu_only(monkeypatch)
 
 
 def quiet(*_a, **_k):
@@ -131,7 +137,7 @@ def test_fsdp_on_two_gpus_equals_one_gpu(make_config, tmp_path):
     single = make_config("train.batch_size=4", *steps, name="single")
     run_finetune(single, log=quiet)
     sharded = make_config("train.batch_size=2", "train.sharding=fsdp", *steps, name="fsdp")
-    result = run_train(write_config(tmp_path / "fsdp.yaml", sharded), nproc=2)
+    result = run_train(write_config(tmp_path / "fsdp.yaml", sharded), nproc=2, env={"ACCELERATE_USE_CPU": "false"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mesh DeviceMesh((dp_shard=2), 'cuda'" in result.stdout
     root = Path(single.output.dir)
