@@ -1,23 +1,30 @@
-"""Predicted vs measured training memory per method on the reference model (SmolLM2-135M-Instruct).
+"""The planner's TOTAL against the whole-process peak of `tunesmith train` itself, per method and shape.
 
-Each method runs in a fresh subprocess: load the base (as the method loads it), apply the method, build a plain
-AdamW over the trainable parameters, touch every weight page (the safetensors file is memory-mapped, so untouched
-weights would otherwise page in during the first step and count as growth), then take the resident set size as
-the baseline. Then `--steps` training steps (forward with labels, backward, AdamW step, zero_grad(set_to_none))
-on random tokens; the measured figure is the peak RSS (VmHWM, reset by /proc/self/clear_refs before the steps)
-minus the baseline. On a GPU it is torch.cuda.max_memory_allocated() minus the allocated bytes at the baseline.
+What is measured is what users run: for every case a fresh `python -m tunesmith.cli train case.yaml` subprocess
+trains `--steps` optimizer steps, and its peak resident set size (ru_maxrss from os.wait4: weights, trainable
+copies, optimizer state, activations, the Python/torch runtime, allocator slack — everything) is compared with
+the planner's total for the same config (plan/report.planned_peak: the number `tunesmith plan --write` promises).
+glibc's malloc runs with its defaults, as it does for users.
 
-The prediction is the planner's estimate minus what the baseline already holds (base weights, the method's
-trainable weights, the runtime): gradients, optimizer state, activations, scratch.
+Data: generated per model with its own tokenizer so that every example is cut to exactly max_seq_len (a user turn
+of ~0.7 x seq tokens, an assistant turn of ~0.5 x seq: truncation keeps ~0.3 x seq labelled tokens, as the run's
+data_manifest.json reports). The planner is told the labelled share the run's own manifest reports (a property of
+the data, not a fitted number).
 
-glibc keeps freed heap memory and its dynamic mmap threshold grows after large frees, so without settings RSS
-climbs step after step by fragmentation rather than by live tensors; the subprocesses run with
-MALLOC_MMAP_THRESHOLD_=65536 and MALLOC_ARENA_MAX=2 so large tensors are returned on free and RSS follows live
-memory (printed in the assumptions; `--no-malloc-env` turns this off).
+Nothing is fitted on the reported cases. The planner's only constant that depends on this machine, its CPU
+runtime overhead (plan/memory.py OVERHEAD_BYTES["cpu"]), was set from the calibration case: LoRA on the tiny
+random model (models/tiny.py), 1 x 128 tokens, where weights and activations are negligible. The calibration case
+runs again here and is reported apart; the reported cases use other shapes and the reference model.
 
-Ratio reported: measured / predicted per method; the summary line gives the worst relative error.
+Cases (default): six methods x sequence lengths 256, 1024 x micro-batches 1, 2, + LoRA with gradient checkpointing
+at the same shapes. `--budget-check` also writes a config with `tunesmith plan --write` for a memory budget below
+the default configuration's planned peak, trains it, and checks the measured peak stays under that budget.
+`--quick` runs the tiny model only (calibration + one LoRA case, 2 x 256), for the test.
 
-    nice python bench/memory_accuracy.py [--batch-size 2 --seq-len 128 --steps 3 --methods lora,full --json]
+    nice python bench/memory_accuracy.py [--methods lora,full] [--seq-lens 256,1024] [--batch-sizes 1,2]
+        [--steps 3] [--budget-check] [--json] [--quick]
+
+Summary line: `ratio=` measured/predicted per case and the worst relative error (predicted - measured)/measured.
 """
 
 from __future__ import annotations
@@ -25,176 +32,291 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-CHILD_FLAG = "--child"
+import yaml
 
-
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+METHODS = ("lora", "qlora", "full", "prefix", "prompt", "adapters")
+WORDS = ("contract", "party", "supplier", "buyer", "shall", "deliver", "goods", "within", "days", "notice", "amount",
+         "payment", "invoice", "terminate", "agreement", "law", "governed", "court", "clause", "warranty", "period",
+         "liability", "damages", "confidential", "information", "obligation", "breach", "remedy", "fee", "annual")
+MiB = 2**20
 
 
-def method_config(name: str, args: argparse.Namespace):
-    from tunesmith.config import MethodConfig
-
-    options: dict = {"name": name}
-    if name in ("lora", "qlora"):
-        targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
-        options["lora"] = {"r": args.rank, "alpha": 2 * args.rank, "target_modules": targets}
-    return MethodConfig.model_validate(options)
+# ------------------------------------------------------------------------------------------------ data
+def _text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def child(args: argparse.Namespace) -> dict:
-    import torch
+def _tokens(tokenizer, user: str, answer: str) -> int:
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    torch.set_num_threads(args.threads)
-    import transformers
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    from tunesmith.config import ModelConfig
+def make_data(tokenizer, seq_len: int, records: int, path: Path, seed: int = 0) -> Path:
+    """`records` conversations of ~1.2 x seq_len tokens (template + user ~0.7, assistant ~0.5), each truncated to
+    seq_len, so every example fills max_seq_len and keeps ~0.3 x seq_len labelled tokens."""
+    rng = random.Random(seed)
+    base = _tokens(tokenizer, "", "")
+    per_word = max(1.0, (_tokens(tokenizer, _text(rng, 200), "") - base) / 200)
+    if base > 0.5 * seq_len:
+        raise ValueError(f"the chat template alone takes {base} tokens: max_seq_len {seq_len} is too short")
+    rows = []
+    for _ in range(records):
+        user = _text(rng, int((0.7 * seq_len - base) / per_word))
+        answer = _text(rng, int(0.5 * seq_len / per_word) + 1)
+        rows.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def case_config(model: str, method: str, data: Path, seq_len: int, batch: int, ckpt: bool, steps: int,
+                out: Path, name: str) -> dict:
     from tunesmith.methods.registry import get_method
-    from tunesmith.models.load import load_model
 
-    name = args.methods
-    cuda = torch.cuda.is_available()
-    config = method_config(name, args)
-    method = get_method(name)
-    model = load_model(ModelConfig(name_or_path=args.model, dtype="float32"), log=lambda *_: None,
-                       **method.base_load_kwargs(config))
-    if cuda:
-        model = model.cuda()
-    model = method.apply(model, config)
-    if args.gradient_checkpointing:
-        method.enable_gradient_checkpointing(model)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    with torch.no_grad():
-        for p in model.parameters():  # page in every weight (see the module docstring)
-            float(p.view(-1)[:: max(1, 4096 // max(1, p.element_size()))].float().sum()) if p.numel() else None
-    vocab = model.get_input_embeddings().num_embeddings
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=generator)
-    if cuda:
-        ids = ids.cuda()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    base_rss = _status_bytes("VmRSS:")
-    _reset_peak()
-    peaks = []
+    packing = get_method(method).supports_packing
+    return {
+        "model": {"name_or_path": model, "dtype": "float32"},
+        "data": {"train": [str(data)], "max_seq_len": seq_len, "validation_fraction": 0.0, "packing": packing,
+                 "truncation": "truncate"},
+        "method": {"name": method},
+        "train": {"max_steps": steps, "batch_size": batch, "gradient_accumulation_steps": 1,
+                  "gradient_checkpointing": ckpt, "show_progress": False, "logging_steps": 1, "eval_steps": None,
+                  "save_total_limit": 1, "load_best_at_end": False},
+        "eval": {"metrics": []},
+        "output": {"dir": str(out), "name": name, "overwrite": True, "register_run": False},
+    }
+
+
+def run_train(config_path: Path, threads: int) -> dict:
+    """`tunesmith train` in a fresh process; its peak RSS from the kernel's rusage (os.wait4, Linux KiB)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        del out
-        peaks.append((torch.cuda.max_memory_allocated() - base) if cuda else _status_bytes("VmHWM:") - base_rss)
-    return {"method": name, "measured_bytes": max(peaks), "per_step_bytes": peaks, "baseline_rss_bytes": base_rss,
-            "trainable_params": sum(p.numel() for p in params), "device": "cuda" if cuda else "cpu",
-            "seconds": round(time.perf_counter() - t0, 1)}
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "train", str(config_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return {"returncode": code, "peak_rss_bytes": usage.ru_maxrss * 1024, "seconds": round(time.perf_counter() - t0, 1),
+            "tail": output.strip().splitlines()[-3:] if code else []}
 
 
-def predict(name: str, args: argparse.Namespace, device: str) -> dict:
+def labelled_share(run_dir: Path) -> float | None:
+    """target tokens / tokens of the trained split, from the run's own data manifest."""
+    for path in sorted(run_dir.rglob("data_manifest.json")):
+        manifest = json.loads(path.read_text())
+        render = manifest.get("render", {}).get("train", {})
+        if render.get("total_tokens"):
+            return render["target_tokens"] / render["total_tokens"]
+    return None
+
+
+def predict(config_path: Path, share: float | None) -> dict:
+    from tunesmith.config import load_config
     from tunesmith.models.facts import model_facts
-    from tunesmith.plan.memory import TrainSetup, estimate_memory
+    from tunesmith.plan.memory import OVERHEAD_BYTES
+    from tunesmith.plan.report import planned_peak
+    from tunesmith.plan.solve import Budget
 
-    facts = model_facts(args.model)
-    setup = TrainSetup(batch_size=args.batch_size, seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing,
-                       weight_dtype="fp32", compute_dtype="fp32", device=device)
-    est = estimate_memory(facts, method_config(name, args), setup)
-    # What the baseline already holds: base weights, the method's own trainable weights, the runtime.
-    predicted = est.total - est.weights - est.trainable - est.overhead
-    return {"predicted_bytes": int(predicted), "trainable_params_predicted": est.trainable_params,
-            "breakdown": est.memory_bytes()}
+    config = load_config(config_path)
+    facts = model_facts(config.model.name_or_path)
+    peak = planned_peak(config, Budget("cpu", 2**50), labelled_fraction=share, facts=facts)
+    return {"predicted_bytes": int(peak), "overhead_bytes": OVERHEAD_BYTES["cpu"]}
+
+
+def run_case(case: dict, work: Path, threads: int, log) -> dict:
+    name = f"{case['method']}-s{case['seq_len']}-b{case['batch_size']}{'-ckpt' if case['ckpt'] else ''}"
+    cfg = case_config(case["model"], case["method"], case["data"], case["seq_len"], case["batch_size"], case["ckpt"],
+                      case["steps"], work / "runs", name)
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    measured = run_train(path, threads)
+    row = {"case": name, "method": case["method"], "seq_len": case["seq_len"], "batch_size": case["batch_size"],
+           "gradient_checkpointing": case["ckpt"], "model": case["model"], **measured}
+    if measured["returncode"] != 0:
+        log(f"{name}: FAILED {measured['tail']}")
+        return row
+    share = labelled_share(work / "runs" / name)
+    row.update(predict(path, share), labelled_share=share)
+    row["relative_error"] = round((row["predicted_bytes"] - row["peak_rss_bytes"]) / row["peak_rss_bytes"], 4)
+    log(f"{name}: predicted {row['predicted_bytes'] / MiB:,.0f} MiB, measured {row['peak_rss_bytes'] / MiB:,.0f} MiB "
+        f"({row['relative_error']:+.1%}), {measured['seconds']} s")
+    return row
+
+
+# ----------------------------------------------------------------------------------------- budget check
+def budget_check(model: str, tokenizer, work: Path, threads: int, steps: int, seq_len: int, log) -> dict:
+    """Issue 19's check: a budget below the default configuration's planned peak -> `tunesmith plan --write` ->
+    train `steps` steps -> the measured peak stays under the budget."""
+    from tunesmith.cli import main as cli
+    from tunesmith.config import load_config
+
+    data = make_data(tokenizer, seq_len, 24, work / f"budget-{seq_len}.jsonl", seed=1)
+    default = work / "default.yaml"
+    common = ["plan", "--model", model, "--device", "cpu", "--method", "lora", "--seq-len", str(seq_len),
+              "--examples", "1000", "--task", "extraction", "--data", str(data)]
+    with open(os.devnull, "w") as sink, _redirect(sink):
+        cli([*common, "--gpu-memory", "1024GB", "--write", str(default)])
+    share = labelled_share_from_plan(model, data, seq_len)
+    default_peak = predict(default, share)["predicted_bytes"]
+    budget = int(default_peak * 0.7)
+    written = work / "budget.yaml"
+    with open(os.devnull, "w") as sink, _redirect(sink):
+        cli([*common, "--gpu-memory", f"{budget / MiB:.0f}MB", "--write", str(written)])
+    config = load_config(written)
+    raw = yaml.safe_load(written.read_text())
+    raw["train"].update(max_steps=steps, show_progress=False, eval_steps=None, load_best_at_end=False)
+    raw["data"]["validation_fraction"] = 0.0
+    raw["eval"]["metrics"] = []
+    raw["output"].update(dir=str(work / "runs"), name="budget", overwrite=True, register_run=False)
+    written.write_text(yaml.safe_dump(raw, sort_keys=False))
+    measured = run_train(written, threads)
+    result = {"seq_len": seq_len, "default_config": {"batch_size": 4, "gradient_checkpointing": False,
+                                                      "predicted_bytes": default_peak},
+              "budget_bytes": budget, "written_config": {"batch_size": config.train.batch_size,
+                                                         "gradient_accumulation_steps": config.train.gradient_accumulation_steps,
+                                                         "gradient_checkpointing": config.train.gradient_checkpointing,
+                                                         "max_seq_len": config.data.max_seq_len},
+              "planned_bytes": predict(written, share)["predicted_bytes"], **measured,
+              "usable_bytes": int(budget * 0.92)}
+    result["under_budget"] = measured["returncode"] == 0 and measured["peak_rss_bytes"] <= budget
+    log(f"budget check: default config planned {default_peak / MiB:,.0f} MiB, budget {budget / MiB:,.0f} MiB, written "
+        f"{result['written_config']} planned {result['planned_bytes'] / MiB:,.0f} MiB, measured "
+        f"{measured['peak_rss_bytes'] / MiB:,.0f} MiB -> {'under' if result['under_budget'] else 'OVER'} budget")
+    return result
+
+
+def labelled_share_from_plan(model: str, data: Path, seq_len: int) -> float | None:
+    from tunesmith.plan.data import profile_data
+
+    return profile_data([str(data)], model, seq_len).labelled_fraction
+
+
+class _redirect:
+    def __init__(self, sink):
+        self.sink = sink
+
+    def __enter__(self):
+        self.saved = sys.stdout
+        sys.stdout = self.sink
+
+    def __exit__(self, *exc):
+        sys.stdout = self.saved
+
+
+# ------------------------------------------------------------------------------------------------ main
+def summarize(rows: list[dict]) -> dict:
+    done = [r for r in rows if "relative_error" in r]
+    worst = max(done, key=lambda r: abs(r["relative_error"]), default=None)
+    return {"cases": len(rows), "measured": len(done), "failed": [r["case"] for r in rows if "relative_error" not in r],
+            "worst_relative_error": worst["relative_error"] if worst else None, "worst_case": worst["case"] if worst else None,
+            "mean_abs_relative_error": round(sum(abs(r["relative_error"]) for r in done) / len(done), 4) if done else None}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
-    parser.add_argument("--methods", default="lora,qlora,full,prefix,prompt,adapters")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--model", default=REFERENCE)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seq-lens", default="256,1024")
+    parser.add_argument("--batch-sizes", default="1,2")
+    parser.add_argument("--no-ckpt-cases", action="store_true", help="skip the LoRA + gradient checkpointing cases")
+    parser.add_argument("--cases", help="an explicit subset instead of the grid: method:seq:batch[:ckpt],... "
+                                        "(e.g. full:256:1,lora:256:1:ckpt)")
+    parser.add_argument("--no-calibration", action="store_true", help="skip re-running the calibration case")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--targets", default="all-linear")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-malloc-env", action="store_true", help="measure with glibc's default malloc settings")
+    parser.add_argument("--budget-check", action="store_true", help="also run issue 19's budget check (LoRA)")
+    parser.add_argument("--budget-seq-len", type=int, default=256)
+    parser.add_argument("--quick", action="store_true", help="tiny random model: calibration + one case")
+    parser.add_argument("--work", help="keep runs here (default: a temporary folder)")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument(CHILD_FLAG, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(args)))
-        return 0
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
-    from tunesmith.methods.registry import get_method
+    from transformers import AutoTokenizer
 
-    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-    missing, runnable = [], []
-    for name in wanted:
-        try:
-            get_method(name)
-            runnable.append(name)
-        except Exception as exc:  # a method not landed yet: say so, run the others
-            missing.append(f"{name} ({type(exc).__name__}: {exc})")
-    env = dict(os.environ)
-    if not args.no_malloc_env:
-        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="2")
-    results: dict[str, dict] = {}
-    passthrough = [f"--model={args.model}", f"--batch-size={args.batch_size}", f"--seq-len={args.seq_len}",
-                   f"--steps={args.steps}", f"--rank={args.rank}", f"--targets={args.targets}", f"--threads={args.threads}"]
-    if args.gradient_checkpointing:
-        passthrough.append("--gradient-checkpointing")
-    for name in runnable:
-        proc = subprocess.run([sys.executable, __file__, CHILD_FLAG, f"--methods={name}", *passthrough],
-                              capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            missing.append(f"{name} (failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode})")
-            continue
-        measured = json.loads(proc.stdout.strip().splitlines()[-1])
-        pred = predict(name, args, measured["device"])
-        rel = (pred["predicted_bytes"] - measured["measured_bytes"]) / measured["measured_bytes"]
-        print(f"{name}: predicted {pred['predicted_bytes'] / 2**20:.1f} MiB, measured {measured['measured_bytes'] / 2**20:.1f} MiB "
-              f"({rel:+.1%}), per step {[round(b / 2**20, 1) for b in measured['per_step_bytes']]} MiB", file=sys.stderr, flush=True)
-        results[name] = {"predicted_bytes": pred["predicted_bytes"], "measured_bytes": measured["measured_bytes"],
-                         "relative_error": round(rel, 4), "per_step_bytes": measured["per_step_bytes"],
-                         "trainable_params": measured["trainable_params"],
-                         "trainable_params_predicted": pred["trainable_params_predicted"],
-                         "device": measured["device"], "seconds": measured["seconds"]}
-    worst = max((abs(r["relative_error"]) for r in results.values()), default=float("nan"))
-    assumptions = {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
-                   "lora": f"r={args.rank}, targets={args.targets}, dropout 0.05", "dtype": "float32",
-                   "gradient_checkpointing": args.gradient_checkpointing,
-                   "malloc_env": None if args.no_malloc_env else "MALLOC_MMAP_THRESHOLD_=65536 MALLOC_ARENA_MAX=2",
-                   "measured": "peak RSS growth over the loaded baseline (CUDA: peak allocated growth)"}
-    if args.json:
-        print(json.dumps({"methods": results, "missing": missing, "assumptions": assumptions,
-                          "worst_relative_error": worst}, indent=2))
+    from tunesmith.models.tiny import save_tiny_model
+
+    tmp = tempfile.TemporaryDirectory(prefix="memory-bench-")
+    work = Path(args.work) if args.work else Path(tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    tiny = str(save_tiny_model(work / "tiny-model"))
+    tiny_tok = AutoTokenizer.from_pretrained(tiny)
+    calibration_case = {"model": tiny, "method": "lora", "seq_len": 128, "batch_size": 1, "ckpt": False,
+                        "steps": args.steps, "data": make_data(tiny_tok, 128, 8, work / "tiny-128.jsonl")}
+    calibration = {} if args.no_calibration else run_case(calibration_case, work, args.threads, log)
+    calibration["role"] = "calibration (the planner's CPU overhead constant was set from this case; not reported)"
+
+    if args.quick:
+        model, tokenizer, seq_lens, batches, methods = tiny, tiny_tok, [256], [2], ["lora"]
+        steps, with_ckpt = 2, False
     else:
-        print("assumptions: " + "; ".join(f"{k}={v}" for k, v in assumptions.items()))
-        print(f"{'method':<10}{'predicted MiB':>15}{'measured MiB':>15}{'rel. error':>12}{'trainable':>13}")
-        for name, r in results.items():
-            print(f"{name:<10}{r['predicted_bytes'] / 2**20:>15.1f}{r['measured_bytes'] / 2**20:>15.1f}"
-                  f"{r['relative_error']:>+12.1%}{r['trainable_params']:>13,}")
-        for line in missing:
-            print(f"not run: {line}")
-        ratios = ", ".join(f"{n}={r['measured_bytes'] / r['predicted_bytes']:.3f}" for n, r in results.items())
-        print(f"ratio=measured/predicted {ratios}; worst relative error {worst:.1%} (target 15%)")
-    return 0
+        from tunesmith.models.load import resolve_source  # noqa: F401 - the reference model must be installed
+        from tunesmith.models.reference import cached_path
+
+        model = args.model
+        source = cached_path(model) if cached_path(model).exists() else Path(model)
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        seq_lens = [int(s) for s in args.seq_lens.split(",")]
+        batches = [int(b) for b in args.batch_sizes.split(",")]
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        steps, with_ckpt = args.steps, not args.no_ckpt_cases and "lora" in methods
+    cases = []
+    for seq in seq_lens:
+        data = make_data(tokenizer, seq, max(batches) * steps + 2, work / f"data-{seq}.jsonl")
+        for method in methods:
+            for batch in batches:
+                cases.append({"model": model, "method": method, "seq_len": seq, "batch_size": batch, "ckpt": False,
+                              "steps": steps, "data": data})
+                if method == "lora" and with_ckpt:
+                    cases.append({"model": model, "method": method, "seq_len": seq, "batch_size": batch, "ckpt": True,
+                                  "steps": steps, "data": data})
+    if args.cases and not args.quick:
+        cases, data_by_seq = [], {}
+        for spec in args.cases.split(","):
+            method, seq, batch, *flag = spec.split(":")
+            seq = int(seq)
+            if seq not in data_by_seq:
+                data_by_seq[seq] = make_data(tokenizer, seq, 2 * steps + 2, work / f"data-{seq}.jsonl")
+            cases.append({"model": model, "method": method, "seq_len": seq, "batch_size": int(batch),
+                          "ckpt": flag == ["ckpt"], "steps": steps, "data": data_by_seq[seq]})
+    rows = []
+    for case in cases:  # each row is also appended to work/results.jsonl as it lands (long grids on loaded machines)
+        rows.append(run_case(case, work, args.threads, log))
+        with open(work / "results.jsonl", "a") as fh:
+            fh.write(json.dumps(rows[-1], default=str) + "\n")
+    report = {"model": model, "steps": steps, "threads": args.threads, "calibration": calibration, "cases": rows,
+              "summary": summarize(rows),
+              "protocol": "whole-process peak RSS (os.wait4 ru_maxrss) of `python -m tunesmith.cli train` per case vs "
+                          "plan/report.planned_peak for the same config; glibc malloc defaults; fit set = calibration "
+                          "case only (tiny model), reported set = the cases"}
+    if args.budget_check and not args.quick:
+        report["budget_check"] = budget_check(model, tokenizer, work, args.threads, args.steps, args.budget_seq_len, log)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(f"{'case':<26}{'predicted MiB':>15}{'measured MiB':>14}{'error':>9}{'labelled':>10}{'s':>7}")
+        for r in rows:
+            if "relative_error" in r:
+                print(f"{r['case']:<26}{r['predicted_bytes'] / MiB:>15,.0f}{r['peak_rss_bytes'] / MiB:>14,.0f}"
+                      f"{r['relative_error']:>+9.1%}{r['labelled_share'] or 0:>10.2f}{r['seconds']:>7}")
+            else:
+                print(f"{r['case']:<26}{'failed':>15}")
+    s = report["summary"]
+    ratios = ", ".join(f"{r['case']}={r['peak_rss_bytes'] / r['predicted_bytes']:.3f}" for r in rows if "relative_error" in r)
+    print(f"ratio=measured/predicted {ratios}; worst relative error {s['worst_relative_error']} ({s['worst_case']})",
+          file=sys.stderr if args.json else sys.stdout)
+    return 0 if not s["failed"] else 1
 
 
 if __name__ == "__main__":

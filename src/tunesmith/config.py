@@ -43,6 +43,19 @@ class ModelConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------- data
+class TaskDataset(Section):
+    """One task of a multi-task run (data.datasets[*])."""
+
+    name: str = Field(..., description="Task name (per-task metrics and manifest counts use it).")
+    train: list[str] = Field(default_factory=list, description="Training files of this task.")
+    validation: list[str] = Field(default_factory=list, description="Validation files of this task.")
+    test: list[str] = Field(default_factory=list, description="Test files of this task (evaluated as its own split).")
+    weight: float = Field(1.0, gt=0, description="Relative share of this task in the training mixture.")
+    task_prefix: str | None = Field(None, description="Text put before the first user turn, e.g. '[Classify risk]'.")
+    system_prompt: str | None = Field(None, description="System prompt added to this task's records that have none.")
+
+
+# ---------------------------------------------------------------------------------------------- data
 class DataConfig(Section):
     train: list[str] = Field(default_factory=list, description="Training files (JSONL/JSON/CSV/Parquet).")
     validation: list[str] = Field(default_factory=list, description="Validation files; empty = split from train.")
@@ -62,6 +75,18 @@ class DataConfig(Section):
     max_train_examples: int | None = Field(None, gt=0, description="Use only the first N training examples.")
     max_validation_examples: int | None = Field(None, gt=0, description="Use only the first N validation examples.")
     prepare: bool = Field(False, description="Run `tunesmith data prepare` (validate, dedup, screen) first.")
+    # multi-task (continual helper; recipes/multitask.py, data/mixing.py)
+    datasets: list[TaskDataset] = Field(
+        default_factory=list, description="Several tasks mixed by weight (instead of train/validation/test)."
+    )
+    general: list[str] = Field(default_factory=list, description="General-purpose data mixed in as a forgetting guard.")
+    general_share: float = Field(0.0, ge=0, lt=1, description="Share of the training mixture drawn from data.general.")
+    mix_size: int | None = Field(
+        None, gt=0, description="Training records in the mixture (default: the most that needs no repeats)."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Map non-standard fields, e.g. {prompt: question, response: answer}."
+    )
 
 
 # -------------------------------------------------------------------------------------------- method
@@ -123,6 +148,11 @@ class TrainConfig(Section):
     load_best_at_end: bool = Field(True, description="Finish with the checkpoint of lowest eval loss.")
     seed: int = Field(0, description="Seed for data order, initialisation and dropout.")
     show_progress: bool = Field(True, description="Show a progress bar.")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="fsdp = shard parameters, gradients and optimizer state over the processes (FSDP2, one "
+        "unit per decoder layer); `accelerate launch` with an FSDP config turns it on too."
+    )
+    fsdp_cpu_offload: bool = Field(False, description="With sharding: keep shards, gradients and optimizer state in CPU RAM.")
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -148,6 +178,26 @@ class EvalConfig(Section):
     )
 
 
+# ---------------------------------------------------------------------------------------- continual
+class ContinualConfig(Section):
+    continue_from: str | None = Field(
+        None, description="Start from this run's weights: NAME@VERSION, alias or run directory (--continue-from)."
+    )
+    progressive: bool = Field(
+        False, description="LoRA: train a new adapter on top of the parent's frozen adapters instead of continuing it."
+    )
+    replay_size: int = Field(0, ge=0, description="Records kept in the replay buffer (replay_buffer.jsonl) for later runs.")
+    replay_share: float = Field(0.0, ge=0, lt=1, description="Share of the training mixture replayed from the parent.")
+    replay_strategy: Literal["reservoir", "stratified"] = Field(
+        "reservoir", description="Buffer sampling: reservoir (uniform) or stratified by diversity clusters."
+    )
+    ewc_lambda: float = Field(0.0, ge=0, description="EWC strength; 0 = off. Needs the parent's ewc.safetensors.")
+    ewc_examples: int = Field(64, gt=0, description="Training examples for the empirical Fisher at the end of a run.")
+    ewc_online: bool = Field(True, description="Online EWC (one summed Fisher); false = one penalty per earlier task.")
+    ewc_gamma: float = Field(1.0, gt=0, le=1, description="Online EWC decay of earlier Fishers.")
+    store_fisher: bool = Field(False, description="Estimate and store the Fisher even when this run uses no EWC.")
+
+
 # -------------------------------------------------------------------------------------------- output
 class OutputConfig(Section):
     dir: str = Field("runs", description="Parent folder of run directories.")
@@ -164,6 +214,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+    continual: ContinualConfig = Field(default_factory=ContinualConfig, description="Continual fine-tuning.")
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -276,6 +327,9 @@ def _resolve_paths(config: RunConfig, base: Path) -> None:
     config.data.validation = fix(config.data.validation)
     config.data.test = fix(config.data.test)
     config.eval.splits = {k: fix(v) for k, v in config.eval.splits.items()}
+    config.data.general = fix(config.data.general)
+    for task in config.data.datasets:
+        task.train, task.validation, task.test = fix(task.train), fix(task.validation), fix(task.test)
 
 
 def resolved_yaml(config: RunConfig) -> str:

@@ -33,7 +33,7 @@ def test_iban_mod97(iban, valid):
     ("key sk-proj-abcdefghijklmnopqrstuvwxyz123456 ok", "API_KEY"),
     ("aws AKIAIOSFODNN7EXAMPLE ok", "API_KEY"),
     ("gh ghp_abcdefghijklmnopqrstuvwxyz0123456789 ok", "API_KEY"),
-    ("token Zx9Qw2Er7Ty4Ui1Op8As5Df3Gh6Jk0Lm ok", "SECRET"),
+    ("token: Zx9Qw2Er7Ty4Ui1Op8As5Df3Gh6Jk0Lm ok", "SECRET"),
 ])
 def test_detectors(text, kind):
     spans = pii.find_pii(text)
@@ -45,6 +45,8 @@ def test_detectors(text, kind):
     "card 4111 1111 1111 1112 fails Luhn", "ssn 000-12-3456 is never issued", "time 12:30:45 and 1.2.3",
     "version 10.0.0.300 is no address", "git 3f786850e387550fdab836ed7e6dc881de23001b is hex", "year 2024, 12345",
     "uuid 123e4567-e89b-12d3-a456-426614174000",
+    "token Zx9Qw2Er7Ty4Ui1Op8As5Df3Gh6Jk0Lm: a random-looking word alone is not a secret (entropy is only a second "
+    "signal, in an assignment)",
 ])
 def test_no_false_positives_on_lookalikes(text):
     assert pii.find_pii(text) == []
@@ -53,10 +55,12 @@ def test_no_false_positives_on_lookalikes(text):
 def test_scan_messages_counts_and_redacts():
     messages = [{"role": "user", "content": "me: a@b.co, you: c@d.io"},
                 {"role": "assistant", "content": "Call 555-123-4567."}]
-    redacted, counts = pii.scan_messages(messages, "redact")
+    redacted, counts, findings = pii.scan_messages(messages, "redact")
     assert counts == {"EMAIL": 2, "PHONE": 1}
+    assert findings == [{"field": "messages[0].content", "type": "EMAIL", "placeholder": "[EMAIL]"}] * 2 + [
+        {"field": "messages[1].content", "type": "PHONE", "placeholder": "[PHONE]"}]
     assert redacted[0]["content"] == "me: [EMAIL], you: [EMAIL]"
     assert redacted[1]["content"] == "Call [PHONE]."
-    unchanged, _ = pii.scan_messages(messages, "report")
+    unchanged, _, _ = pii.scan_messages(messages, "report")
     assert unchanged == messages
     assert pii.find_pii(redacted[0]["content"]) == []  # placeholders are not re-detected

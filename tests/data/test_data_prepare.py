@@ -13,6 +13,7 @@ from tunesmith.cli import main
 from tunesmith.data import lengths, split
 from tunesmith.data.formats import read_conversations, snapshot_hash
 from tunesmith.data.prepare import PrepareOptions, check, options_for_training, prepare
+from tunesmith.records.data import DataManifest
 
 TOPICS = ["cooking pasta sauce", "tax return forms", "python list sorting", "mountain hiking gear"]
 
@@ -42,15 +43,16 @@ def test_manifest_keys_and_split_files(tmp_path):
     manifest = prepare([source], tmp_path / "out", PrepareOptions(**FAST))
     for key in ("input", "kept", "quarantined", "duplicates_exact", "duplicates_near", "trimmed", "pii", "splits",
                 "options", "identity"):
-        assert key in manifest
-    assert manifest["input"] == manifest["kept"] == 60
-    assert {n: s["count"] for n, s in manifest["splits"].items()} == {"train": 54, "validation": 3, "test": 3}
+        assert hasattr(manifest, key)
+    assert manifest.input == manifest.kept == 60
+    assert {n: s.count for n, s in manifest.splits.items()} == {"train": 54, "validation": 3, "test": 3}
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert on_disk["splits"] == manifest["splits"]
-    for info in manifest["splits"].values():
-        conversations = read_conversations(info["path"], "messages")  # JSONL in OpenAI-messages form
-        assert snapshot_hash(conversations) == info["hash"]
-        assert len(conversations) == info["count"]
+    assert on_disk["splits"] == manifest.to_dict()["splits"] and on_disk["schema_version"] == 2
+    assert DataManifest.read(tmp_path / "out") == manifest  # written and read through the same type
+    for info in manifest.splits.values():
+        conversations = read_conversations(info.path, "messages")  # JSONL in OpenAI-messages form
+        assert snapshot_hash(conversations) == info.hash
+        assert len(conversations) == info.count
     for name in ("report.md", "report.html", "length_hist.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0, name
     for name in ("quarantine.jsonl", "removed.jsonl"):  # written even when empty, readable by others
@@ -67,7 +69,7 @@ def test_split_is_deterministic_and_hash_stable_under_key_order_and_whitespace(t
     again = check([plain], PrepareOptions(seed=7, **FAST))
     other_file = check([reformatted], PrepareOptions(seed=7, **FAST))
     other_seed = check([plain], PrepareOptions(seed=8, **FAST))
-    hashes = lambda m: {n: s["hash"] for n, s in m["splits"].items()}  # noqa: E731
+    hashes = lambda m: {n: s.hash for n, s in m.splits.items()}  # noqa: E731
     assert hashes(first) == hashes(again) == hashes(other_file)
     assert hashes(first)["train"] != hashes(other_seed)["train"]
 
@@ -114,14 +116,14 @@ def test_trim_percentile_and_seq_len_counts(tmp_path):
     records[0]["messages"][1]["content"] = "long " * 300
     source = _write(tmp_path / "d.jsonl", records)
     manifest = check([source], PrepareOptions(trim_percentile=95, seq_len=40, **FAST))
-    limit = manifest["lengths"]["trim_limit"]
-    before = manifest["lengths"]["before_trim"]
+    limit = manifest.lengths["trim_limit"]
+    before = manifest.lengths["before_trim"]
     counted, _ = lengths.token_lengths([r["messages"] for r in records])
     assert limit == pytest.approx(float(np.percentile(counted, 95))) and limit < before["max"]
-    assert manifest["trimmed"] == sum(n > limit for n in counted) >= 1
-    assert manifest["lengths"]["after_trim"]["max"] <= limit
-    assert "estimate" in manifest["lengths"]["unit"]
-    assert before["over_seq_len"] >= manifest["lengths"]["after_trim"]["over_seq_len"]
+    assert manifest.trimmed == sum(n > limit for n in counted) >= 1
+    assert manifest.lengths["after_trim"]["max"] <= limit
+    assert "estimate" in manifest.lengths["unit"]
+    assert before["over_seq_len"] >= manifest.lengths["after_trim"]["over_seq_len"]
 
 
 def test_tokenizer_lengths_apply_the_chat_template(tiny_tokenizer, tmp_path):
@@ -133,7 +135,7 @@ def test_tokenizer_lengths_apply_the_chat_template(tiny_tokenizer, tmp_path):
     tiny_tokenizer.save_pretrained(tmp_path / "tok")  # --tokenizer MODEL loads through models.load
     source = _write(tmp_path / "d.jsonl", [{"messages": conversation}])
     manifest = check([source], PrepareOptions(tokenizer=str(tmp_path / "tok"), **FAST))
-    assert manifest["lengths"]["before_trim"]["max"] == expected and "estimate" not in manifest["lengths"]["unit"]
+    assert manifest.lengths["before_trim"]["max"] == expected and "estimate" not in manifest.lengths["unit"]
 
 
 def test_options_for_training_follow_the_data_config():
@@ -156,12 +158,12 @@ def test_pii_counts_by_type_never_values(tmp_path):
         out = tmp_path / mode
         manifest = prepare([source], out, PrepareOptions(pii=mode, diversity=mode == "report", clusters=2,
                                                          embedder="tfidf"))
-        assert manifest["pii"] == {"API_KEY": 1, "EMAIL": 1, "CREDIT_CARD": 1}
-        assert manifest["kept"] == kept and manifest["pii_dropped"] == 8 - kept
+        assert manifest.pii == {"API_KEY": 1, "EMAIL": 1, "CREDIT_CARD": 1}
+        assert manifest.kept == kept and manifest.pii_dropped == 8 - kept
         for name in ("report.md", "report.html", "manifest.json"):
             text = (out / name).read_text()
             assert "bob.secret" not in text and "4111 1111" not in text and "AKIAIOSF" not in text
-        splits = "".join((out / f"{n}.jsonl").read_text() for n in manifest["splits"])
+        splits = "".join((out / f"{n}.jsonl").read_text() for n in manifest.splits)
         assert ("bob.secret" in splits) is (mode == "report")
         assert ("[EMAIL]" in splits) is (mode == "redact")
 
@@ -175,21 +177,21 @@ def test_leakage_is_reported_and_removed_on_request(tmp_path):
     source = _write(tmp_path / "d.jsonl", records)
     options = dict(dedup=("exact",), split="0.5,0.5", **FAST)
     reported = check([source], PrepareOptions(**options))
-    leaks = reported["leakage"]["pairs"]
+    leaks = reported.leakage["pairs"]
     assert leaks and all(p["split"] == "validation" and p["similarity"] >= 0.8 for p in leaks)
-    assert reported["leakage_removed"] == 0
+    assert reported.leakage_removed == 0
     removed = check([source], PrepareOptions(remove_leakage=True, **options))
-    assert removed["leakage_removed"] == len({(p["record"]["file"], p["record"]["line"]) for p in leaks})
-    assert removed["identity"]["holds"] and removed["kept"] == 46 - removed["leakage_removed"]
+    assert removed.leakage_removed == len({(p["record"]["file"], p["record"]["line"]) for p in leaks})
+    assert removed.identity["holds"] and removed.kept == 46 - removed.leakage_removed
     deduped = check([source], PrepareOptions(split="0.5,0.5", **FAST))  # near dedup on: nothing left to leak
-    assert deduped["duplicates_near"] == 5 and deduped["leakage"]["pairs"] == []
+    assert deduped.duplicates_near == 5 and deduped.leakage["pairs"] == []
 
 
 def test_diversity_clusters_and_stratified_split(tmp_path):
     source = _write(tmp_path / "d.jsonl", _records(48))
     manifest = check([source], PrepareOptions(pii="report", embedder="tfidf", clusters=4, stratify_clusters=True,
                                               split="0.75,0.25"))
-    diversity = manifest["diversity"]
+    diversity = manifest.diversity
     assert diversity["clusters"] == 4 and sum(diversity["sizes"]) == 48
     assert diversity["largest_share"] == pytest.approx(diversity["sizes"][0] / 48, abs=1e-4)
     assert diversity["sizes"] == sorted(diversity["sizes"], reverse=True)

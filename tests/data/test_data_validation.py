@@ -70,12 +70,12 @@ def test_counting_identity_on_a_corrupted_file(tmp_path):
     path = tmp_path / "corrupted.jsonl"
     path.write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe broken bytes\n")
     manifest = prepare([str(path)], tmp_path / "out", PrepareOptions(max_tokens=100, diversity=False, pii="report"))
-    assert manifest["input"] == 31
-    assert (manifest["quarantined"], manifest["duplicates_exact"], manifest["trimmed"]) == (3, 2, 1)
-    assert manifest["kept"] == 31 - 3 - 2 - 1
-    assert manifest["identity"]["holds"]
+    assert manifest.input == 31
+    assert (manifest.quarantined, manifest.duplicates_exact, manifest.trimmed) == (3, 2, 1)
+    assert manifest.kept == 31 - 3 - 2 - 1
+    assert manifest.identity["holds"]
     report = (tmp_path / "out" / "report.md").read_text()
-    assert manifest["identity"]["formula"] in report
+    assert manifest.identity["formula"] in report
     quarantine = [json.loads(x) for x in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
     assert sorted(q["line"] for q in quarantine) == [4, 6, 31]
     removed = [json.loads(x) for x in (tmp_path / "out" / "removed.jsonl").read_text().splitlines()]
@@ -147,6 +147,6 @@ def test_fuzz_corrupted_file(tmp_path, seed):
     assert {q["line"] for q in loaded.quarantine} == bad_lines
     assert all(q["reason"] and q["file"] == str(path) for q in loaded.quarantine)
     counts = check([str(path)], PrepareOptions(format="alpaca", dedup=(), diversity=False, pii="report"))
-    assert counts["input"] == len(good_lines) + len(bad_lines)
-    assert counts["kept"] == len(good_lines) and counts["quarantined"] == len(bad_lines)
+    assert counts.input == len(good_lines) + len(bad_lines)
+    assert counts.kept == len(good_lines) and counts.quarantined == len(bad_lines)
     assert time.monotonic() - started < 60

@@ -26,7 +26,10 @@ def test_json_contract_70b(capsys):
         assert KEYS <= set(entry["memory_bytes"]) and isinstance(entry["fits"], bool)
         assert 0 < entry["trainable_percent"] <= 100
     assert plan["methods"]["qlora"]["quant_constant_bits_per_param"] == 0.126953125
-    assert plan["methods"]["qlora"]["fits"] and not plan["methods"]["full"]["fits"]
+    assert plan["methods"]["qlora"]["fits"]
+    # Full fine-tuning of 70B (~1 TiB of states) fits 2 x 80 GiB only with everything offloaded to the host.
+    full = plan["methods"]["full"]
+    assert not full["fits"] or full["solution"]["knobs"]["cpu_offload"]
     rec = plan["recommendation"]
     assert rec["method"] == "qlora" and rec["hyperparameters"]["rank"] == 16
     assert any("GiB" in a for a in plan["assumptions"])
@@ -71,3 +74,18 @@ def test_errors_name_the_flag(capsys):
     assert "--gpu-memory" in capsys.readouterr().err
     assert main(["plan", "--model", "/nonexistent/model-folder-xyz"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_json_is_a_plan_report_record(capsys, tmp_path):
+    from tunesmith.records.plan import SCHEMA_VERSION, PlanRecordError, PlanReport
+
+    plan = _plan_json(capsys, "--model", "HuggingFaceTB/SmolLM2-135M-Instruct", "--gpu-memory", "24GB")
+    assert plan["schema_version"] == SCHEMA_VERSION
+    report = PlanReport.from_dict(plan)
+    assert report.methods["lora"].trainable_params == plan["methods"]["lora"]["trainable_params"]
+    path = report.write(tmp_path / "plan.json")
+    assert PlanReport.read(path).to_dict() == plan
+    import pytest
+
+    with pytest.raises(PlanRecordError, match="schema_version"):
+        PlanReport.from_dict({**plan, "schema_version": 99})

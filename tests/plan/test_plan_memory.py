@@ -171,6 +171,13 @@ def test_checkpointing_cuts_activations():
     method = MethodConfig(name="lora")
     plain = activation_estimate(facts, method, 4, 2048, 2, False)
     ckpt = activation_estimate(facts, method, 4, 2048, 2, True)
-    assert ckpt.saved_bytes == 32 * 4 * 2048 * 4096 * 2 + 4 * 2048 * 1 * 4096 * 2  # layer inputs + final norm output
+    # layer inputs + final norm output + packing's (batch, 1, seq, seq) bf16 block-diagonal mask
+    assert ckpt.saved_bytes == 32 * 4 * 2048 * 4096 * 2 + 4 * 2048 * 1 * 4096 * 2 + 4 * 2048 * 2048 * 2
     assert ckpt.peak_bytes < plain.peak_bytes / 3
+    # selective logits at every position (the upper bound): saved log-softmax, its gradient, the logits' gradient
+    # (3 x fp32) + the gradient cast back to bf16 (2 bytes)
     assert plain.logits_bytes == ckpt.logits_bytes == 4 * 2048 * 128256 * 14
+    half = activation_estimate(facts, method, 4, 2048, 2, True, labelled_fraction=0.5)
+    assert half.logits_bytes == 2 * 2048 * 128256 * 14
+    prompt = activation_estimate(facts, MethodConfig(name="prompt"), 4, 2048, 2, True, labelled_fraction=0.5)
+    assert prompt.logits_bytes == 4 * (2048 + 20) * 128256 * 14  # full-logits path: every position, always

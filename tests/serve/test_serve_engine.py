@@ -159,3 +159,42 @@ def test_refuses_pickles_other_bases_and_unsupported_configs(world, tiny_qwen_di
         assert engine.cache.names() == ["a0", "a1", "a2"]  # nothing half-registered
     finally:
         engine.close()
+
+
+def test_cancel_frees_the_row_and_the_adapter_pin(world):
+    import threading
+
+    engine = make_engine(world)
+    try:
+        finished = threading.Event()
+        results: list = []
+
+        def on_event(kind, payload):
+            if kind == "done":
+                results.append(payload)
+                finished.set()
+
+        running = GenRequest(prompt_ids=world["prompts"][0], adapter="a0", max_tokens=500, ignore_eos=True,
+                             on_event=on_event)
+        engine.submit(running)
+        deadline = time.monotonic() + 60
+        while not (engine.stats()["running"] == 1 and engine.stats()["pinned"] == 1):
+            assert time.monotonic() < deadline, engine.stats()
+            time.sleep(0.01)
+        running.cancel("the client went away")
+        assert finished.wait(30)
+        assert results[0].finish_reason == "cancelled" and results[0].completion_tokens < 500
+        while engine.stats()["running"]:  # "done" is sent from inside the step; the row leaves at its end
+            assert time.monotonic() < deadline, engine.stats()
+            time.sleep(0.01)
+        stats = engine.stats()
+        assert (stats["running"], stats["pinned"], stats["cancelled"]) == (0, 0, 1)
+        gone = GenRequest(prompt_ids=world["prompts"][1], adapter="a1", max_tokens=NEW_TOKENS)
+        gone.cancel("disconnected while waiting")  # cancelled before it started: never prefilled
+        assert engine.generate([gone])[0].completion_tokens == 0
+        stats = engine.stats()
+        assert (stats["running"], stats["pinned"], stats["cancelled"]) == (0, 0, 2)
+        after = engine.generate([GenRequest(prompt_ids=world["prompts"][2], adapter="a0", max_tokens=NEW_TOKENS)])
+        assert after[0].token_ids == world["expected"][("a0", 2)]
+    finally:
+        engine.close()

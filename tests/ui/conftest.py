@@ -73,7 +73,11 @@ def write_run(root: Path, folder: str, lr: float, predictions: list[str] | None,
 PREPARED = {
     "hash": "sha256:" + "cd" * 32, "files": [{"path": "/data/train.jsonl", "split": "train", "records": 38}],
     "train_records": 38, "validation_records": 2,
-    "mixture": {"contracts": {"records": 30, "share": 0.75}, "general": {"records": 10, "share": 0.25}},
+    "mixture": {"total": 40, "seed": 0, "sampling": "without replacement within a source", "replayed_from": {},
+                "tasks": {"contracts": {"origin": "dataset", "available": 35, "weight": 0.75, "drawn": 30, "repeats": 0,
+                                        "unused": 5, "realised_share": 0.75},
+                          "general": {"origin": "general", "available": 100, "weight": 0.25, "drawn": 10, "repeats": 0,
+                                      "unused": 90, "realised_share": 0.25}}},
     "prepare": {
         "input": 44, "kept": 40, "quarantined": 2, "duplicates_exact": 1, "duplicates_near": 1, "trimmed": 0,
         "pii_dropped": 0, "leakage_removed": 0, "pii": {"EMAIL": 3}, "pii_mode": "redact",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -183,7 +184,9 @@ def test_data_report(client):
     assert {c["count"]: c["records"] for c in body["counts"]}["quarantined"] == 2
     assert body["quarantine_reasons"] == {"empty_field": 2} and body["pii"] == {"EMAIL": 3}
     assert body["clusters"]["sizes"] == [30, 10] and body["lengths"]["before_trim"]["p90"] == 7
-    assert body["mixture"]["general"]["share"] == 0.25
+    tasks = {t["task"]: t for t in body["mixture"]["tasks"]}
+    assert tasks["general"]["realised_share"] == 0.25 and tasks["contracts"]["drawn"] == 30
+    assert sum(t["drawn"] for t in tasks.values()) == body["mixture"]["total"]
     plain = client.get("/api/data", params={"id": "beta@1"}).json()
     assert not plain["prepared"] and plain["records"] == {"train_records": 40}
 
@@ -197,7 +200,10 @@ def test_registry_actions_land_in_the_alias_history_like_the_cli(admin_setup, ca
                       headers={"Authorization": "Bearer wrong-key-123"})
     assert bad.status_code == 401
     auth = {"Authorization": f"Bearer {KEY}"}
+    table = lambda: {r["id"]: r for r in client.get("/api/runs").json()["runs"]}  # noqa: E731
+    assert table()["alpha@1"]["aliases"] == []  # read (and cached) before the promote
     assert client.post("/api/admin/promote", json={"ref": "alpha@1", "alias": "production"}, headers=auth).json()["ref"] == "alpha@1"
+    assert (table()["alpha@1"]["aliases"], table()["alpha@1"]["status"]) == (["production"], "promoted")
     assert client.post("/api/admin/promote", json={"ref": "beta@1", "alias": "production"}, headers=auth).status_code == 200
     # the same step through the CLI, then a UI rollback: one history, in order
     cli_json(capsys, "runs", "promote", "alpha@1", "--alias", "staging", "--registry", url, "--json")
@@ -209,6 +215,7 @@ def test_registry_actions_land_in_the_alias_history_like_the_cli(admin_setup, ca
     refused = client.post("/api/admin/archive", json={"ref": "alpha@1"}, headers=auth)
     assert refused.status_code == 409 and "serves alias" in refused.json()["error"]
     assert client.post("/api/admin/archive", json={"ref": "beta@1"}, headers=auth).json()["status"] == "archived"
+    assert table()["beta@1"]["status"] == "archived"
     listed = cli_json(capsys, "runs", "list", "--registry", url, "--json")
     assert "beta@1" not in [r["ref"] for r in listed]
 
@@ -286,3 +293,79 @@ def test_ui_package_reads_only_records():
     """ui/ never imports the trainer or the recipes (DESIGN: it reads records)."""
     source = "\n".join(p.read_text() for p in (Path(STATIC).parent).glob("*.py"))
     assert not re.search(r"tunesmith\.(train|recipes|methods)\b", source)
+
+
+def test_tunesmith_ui_starts_and_prints_its_address(fake_registry, tmp_path, capsys):
+    """The real command: a uvicorn process on loopback that prints where it listens and answers there."""
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    import tunesmith
+    from tunesmith.cli import main
+
+    assert main(["ui", "--host", "0.0.0.0", "--registry", fake_registry["url"]]) == 2
+    assert "not loopback" in capsys.readouterr().err
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(tunesmith.__file__).parents[1])}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tunesmith.cli", "ui", "--registry", fake_registry["url"], "--runs",
+         str(fake_registry["runs"]), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, cwd=tmp_path)
+    try:
+        line = process.stdout.readline()
+        assert f"http://127.0.0.1:{port}/" in line and "registry actions off" in line
+        for _ in range(100):
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/api/runs", timeout=5)
+                break
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        assert {r["id"] for r in response.json()["runs"]} >= {"alpha@1", "beta@1", "dir:live"}
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_a_diverged_run_with_nan_and_inf_still_renders(tmp_path):
+    from tests.ui.conftest import write_run
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    run = write_run(runs, "diverged", 1.0, None, extra_summary={"best_eval_loss": float("nan"),
+                                                                  "final_train_loss": float("inf")})
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 13, "train_loss": NaN, "lr": 1.0}\n{"step": 14, "train_loss": Infinity, "lr": 1.0}\n')
+    client = TestClient(create_app(Catalog(str(tmp_path / "registry.db"), runs)))
+    row = client.get("/api/runs").json()["runs"][0]
+    assert row["headline"]["best_eval_loss"] == "NaN" and row["headline"]["train_loss"] == _last_finite(run)
+    curves = client.get("/api/curves", params={"id": "dir:diverged"}).json()["series"]["train_loss"]
+    assert curves["x"][-1] == 12.0 and len(curves["x"]) == 12  # the two non-finite points are not drawn
+    assert client.get("/api/run", params={"id": "dir:diverged"}).json()["diagnosis"]["diagnosis"] == "healthy"
+
+
+def _last_finite(run) -> float:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["train_loss"] for r in rows if isinstance(r["train_loss"], float) and abs(r["train_loss"]) < 1e9][-1]
+
+
+def test_examples_with_equal_outputs_but_different_scores_count_as_differing(tmp_path):
+    """Same prediction, different score (e.g. a metric option changed between evaluations): shown too."""
+    from tests.ui.conftest import write_run
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    write_run(runs, "one", 1e-4, ["12", "7", "30"])
+    other = write_run(runs, "two", 1e-4, ["12", "7", "30"])
+    evaluated = json.loads((other / "eval.json").read_text())
+    evaluated["models"]["tuned"]["test"]["examples"][2]["scores"]["exact_match"] = 0.5
+    (other / "eval.json").write_text(json.dumps(evaluated))
+    client = TestClient(create_app(Catalog(str(tmp_path / "registry.db"), runs)))
+    body = client.get("/api/examples", params={"a": "dir:one", "b": "dir:two", "split": "test"}).json()
+    assert body["differing_count"] == 1 and body["differing"][0]["reference"] == "30"
+    assert body["differing"][0]["a"]["prediction"] == body["differing"][0]["b"]["prediction"] == "30"
+    assert client.get("/api/examples", params={"a": "dir:one", "b": "dir:two", "split": "dev"}).status_code == 404

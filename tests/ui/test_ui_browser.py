@@ -1,7 +1,7 @@
 """The dashboard in a real browser: headless Debian chromium driven by Selenium through the system chromedriver
 (given explicitly, so nothing downloads a browser). Skips, with the reason, only where either is missing.
 
-One browser session walks every view (about 10 s): the runs table lists the runs with markup shown as text, two
+One browser session walks every view (about 10 s): the runs table lists the runs with markup shown as text and follows a live run, two
 selected runs draw two train-loss curves whose points are the API's, the examples view shows the differing item,
 and a promote is refused without the admin key and moves the alias with it (checked through the CLI).
 """
@@ -87,22 +87,34 @@ def _aliases(url: str, capsys) -> list:
 
 
 def test_dashboard_in_a_real_browser(browser, served, tmp_path, capsys):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    wait = WebDriverWait(browser, WAIT_S)
+    # the page redraws a table when a poll brings news; a wait re-reads the DOM instead of failing on old nodes
+    wait = WebDriverWait(browser, WAIT_S, ignored_exceptions=(StaleElementReferenceException,))
     shots = tmp_path / "screenshots"
     shots.mkdir()
 
     # runs table: every run listed; markup in a name or a metric value is shown as text and never runs
     browser.get(served["base"] + "/#runs")
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#runs-table tbody tr")) == 4)
-    rows = {r.get_attribute("data-id"): r for r in browser.find_elements(By.CSS_SELECTOR, "#runs-table tbody tr")}
+    table = browser.execute_script("""return [...document.querySelectorAll('#runs-table tbody tr')].map(
+        (tr) => [tr.dataset.id, [...tr.cells].map((td) => td.textContent)])""")
+    rows = dict(table)
     assert set(rows) == {"alpha@1", "beta@1", f"{HOSTILE_NAME}@1", "dir:live"}
-    hostile = rows[f"{HOSTILE_NAME}@1"].find_elements(By.TAG_NAME, "td")
-    assert hostile[1].text == HOSTILE_NAME and HOSTILE_VALUE in [c.text for c in hostile]
+    assert rows[f"{HOSTILE_NAME}@1"][1] == HOSTILE_NAME and HOSTILE_VALUE in rows[f"{HOSTILE_NAME}@1"]
     assert browser.execute_script("return window.__pwned === undefined")
-    assert "running" in rows["dir:live"].text
+    assert "running" in rows["dir:live"]
+    with (served["live"] / "metrics.jsonl").open("a") as handle:  # the live run logs a step: the table follows
+        handle.write(json.dumps({"step": 5, "train_loss": 0.4321, "lr": 1e-4, "epoch": 0.8, "tokens": 640}) + "\n")
+    wait.until(lambda d: "0.43210" in d.find_element(By.CSS_SELECTOR, '#runs-table tr[data-id="dir:live"]').text)
+    first_row = 'return document.querySelector("#runs-table tbody tr").dataset.id'
+    browser.find_element(By.CSS_SELECTOR, '#runs-table th[data-key="name"]').click()  # sorted by name: now descending
+    wait.until(lambda d: d.execute_script(first_row) == "dir:live")
+    browser.find_element(By.CSS_SELECTOR, '#runs-table th[data-key="m:test.exact_match"]').click()
+    wait.until(lambda d: d.execute_script(first_row) == "beta@1")  # 0.667 < 1.0 < the markup string
+    browser.find_element(By.CSS_SELECTOR, '#runs-table th[data-key="name"]').click()
     browser.find_element(By.ID, "filter").send_keys("beta")
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#runs-table tbody tr")) == 1)
     browser.find_element(By.ID, "filter").clear()
@@ -152,7 +164,8 @@ def test_dashboard_in_a_real_browser(browser, served, tmp_path, capsys):
     browser.find_element(By.CSS_SELECTOR, 'nav a[data-view="data"]').click()
     Select(browser.find_element(By.ID, "data-run")).select_by_value("alpha@1")
     wait.until(lambda d: "identity holds" in d.find_element(By.ID, "data-body").text)
-    assert "empty_field" in browser.find_element(By.ID, "data-body").text
+    data_text = browser.find_element(By.ID, "data-body").text
+    assert "empty_field" in data_text and "Realised mixture (40 records" in data_text and "general" in data_text
     browser.save_screenshot(str(shots / "data.png"))
 
     # registry: promote without the key is refused; with it the alias moves (the CLI sees it)

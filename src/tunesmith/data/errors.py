@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunesmith.errors import UsageError
 
-class PrepareError(ValueError):
+
+class PrepareError(UsageError):
     """A bad option or option combination for `data check/prepare`, phrased with the flag to change."""
 
 
-class RecordError(ValueError):
+class RecordError(UsageError):
     """One bad record (or a bad file): where it is and what is wrong, phrased for a person."""
 
     def __init__(self, file: str, line: int | None, field: str | None, reason: str):

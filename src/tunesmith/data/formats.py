@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunesmith.data import toolcalls
-from tunesmith.data.columns import apply_columns, check_columns
+from tunesmith.data.columns import apply_columns, check_columns, parse_columns
+from tunesmith.data.containers import iter_file_records, iter_json_records
 from tunesmith.data.errors import RecordError
 
-__all__ = ["FORMATS", "ROLES", "Conversation", "RecordError", "canonical_json", "detect_format", "parse_record",
-           "read_conversations", "snapshot_hash", "to_format"]
+__all__ = ["FORMATS", "ROLES", "Conversation", "RecordError", "canonical_json", "detect_format", "iter_json_records",
+           "parse_record", "read_conversations", "snapshot_hash", "to_format"]
 
 FORMATS = ("alpaca", "sharegpt", "messages", "chatml")
 ROLES = ("system", "user", "assistant", "tool")
@@ -186,7 +186,7 @@ def parse_messages(record: dict, where) -> list[dict[str, Any]]:
         role = _require_str(turn, "role", where, f"{path}.role")
         if role not in ROLES:
             raise RecordError(*where, f"{path}.role", f"unknown role {role!r}")
-        calls = turn.get("tool_calls")
+        calls = turn.get("tool_calls") or None  # exports often write [] or null on turns without calls
         if calls is not None and role != "assistant":
             raise RecordError(*where, f"{path}.tool_calls", f"only assistant turns call tools, not {role}")
         if "content" not in turn and not calls:
@@ -286,48 +286,17 @@ def to_format(conversation: Conversation | list[dict[str, Any]], fmt: str) -> di
 
 
 # ------------------------------------------------------------------------------------------- reading
-def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed object) from a JSONL file or a JSON array file.
-
-    Lines are read as bytes so invalid UTF-8 is reported per line rather than failing the whole file. A line that
-    is not valid raises RecordError; callers that quarantine catch it per record.
-    """
-    path = Path(path)
-    with path.open("rb") as handle:
-        head = handle.read(1024).lstrip()
-    if head.startswith(b"["):
-        try:
-            items = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RecordError(str(path), getattr(exc, "lineno", None), None, f"not a valid JSON array: {exc}") from exc
-        for index, item in enumerate(items):
-            yield index + 1, item  # "line" of a JSON array = 1-based item index
-        return
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield number, RecordError(str(path), number, None, f"invalid UTF-8 at byte {exc.start}")
-                continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield number, RecordError(str(path), number, None, f"not valid JSON: {exc.msg} (column {exc.colno})")
-
-
 def read_conversations(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None) -> list[Conversation]:
-    """Strict reader for training: every record must parse; the first bad one raises RecordError. `columns` maps
-    non-standard field names (see `columns`)."""
-    items = list(iter_json_records(path))
-    check_columns(str(path), (item for _, item in items), columns or {})
+    """Strict reader for training: every record must parse; the first bad one raises RecordError. Any container
+    or `datasets` source (see `containers`); `columns` maps non-standard field names (see `columns`)."""
+    columns = parse_columns(columns, "data.columns")
+    items = list(iter_file_records(path))
+    check_columns(str(path), (item for _, _, item in items), columns)
     conversations = []
-    for line, item in items:
+    for source, line, item in items:
         if isinstance(item, RecordError):
             raise item
-        conversations.append(parse_record(apply_columns(item, columns or {}, str(path), line), fmt, str(path), line))
+        conversations.append(parse_record(apply_columns(item, columns, source, line), fmt, source, line))
     if not conversations:
         raise RecordError(str(path), None, None, "no records")
     return conversations

@@ -7,31 +7,45 @@ model a user trains, so it is never the default.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from tunesmith.data.formats import Conversation
+from tunesmith.data.toolcalls import message_text
+
 WORD_ESTIMATE = "whitespace words (estimate; pass --tokenizer MODEL for exact token counts)"
 
 
-def length_function(tokenizer: Any | None = None) -> tuple[Callable[[list[list[dict[str, str]]]], list[int]], str]:
-    """(lengths of a batch of conversations, unit label)."""
-    if tokenizer is None:
-        return (lambda batch: [sum(len(m["content"].split()) for m in messages) for messages in batch]), WORD_ESTIMATE
+def _conversation(item: Conversation | list[dict[str, Any]]) -> Conversation:
+    return item if isinstance(item, Conversation) else Conversation(item)
 
-    def count(batch: list[list[dict[str, str]]]) -> list[int]:
+
+def length_function(tokenizer: Any | None = None) -> tuple[Callable[[Sequence[Any]], list[int]], str]:
+    """(lengths of a batch of conversations or message lists, unit label). Tool calls count as text; with a
+    tokenizer, tools are rendered as training renders them (the template's tool support or the Hermes fallback)."""
+    if tokenizer is None:
+        return (lambda batch: [sum(len(message_text(m).split()) for m in _conversation(c).messages)
+                               for c in batch]), WORD_ESTIMATE
+
+    def count(batch: Sequence[Any]) -> list[int]:
         if getattr(tokenizer, "chat_template", None):
-            texts = [tokenizer.apply_chat_template(messages, tokenize=False) for messages in batch]
+            from tunesmith.data.render import render_text, template_input
+
+            texts = []
+            for item in batch:
+                messages, tools, _ = template_input(tokenizer, _conversation(item))
+                texts.append(render_text(tokenizer, messages, add_generation_prompt=False, tools=tools))
         else:
-            texts = ["\n".join(m["content"] for m in messages) for messages in batch]
+            texts = ["\n".join(message_text(m) for m in _conversation(c).messages) for c in batch]
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     return count, f"tokens ({name}, chat template applied)"
 
 
-def token_lengths(conversations: list[list[dict[str, str]]], tokenizer: Any | None = None,
+def token_lengths(conversations: Sequence[Any], tokenizer: Any | None = None,
                   batch_size: int = 256) -> tuple[list[int], str]:
     count, unit = length_function(tokenizer)
     lengths: list[int] = []

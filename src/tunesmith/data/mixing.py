@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.data.formats import Conversation, parse_record, to_format
+from tunesmith.errors import UsageError
 
 
-class MixingError(ValueError):
+class MixingError(UsageError):
     """A mixture or replay request that cannot be met (bad weight, empty source, ...); says what to change."""
 
 

@@ -114,6 +114,3 @@ def block_diagonal_mask(segments: torch.Tensor, dtype: torch.dtype = torch.float
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask.unsqueeze(1)
 
-
-def batches(packs: list[Pack], batch_size: int, order: list[int]) -> list[list[Pack]]:
-    return [[packs[i] for i in order[start: start + batch_size]] for start in range(0, len(order), batch_size)]

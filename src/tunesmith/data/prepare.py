@@ -4,24 +4,27 @@ split → leakage, with every removed record counted and explained.
 Counting identity (asserted on every run and shown in the report):
     input = kept + quarantined + duplicates_exact + duplicates_near + trimmed + pii_dropped + leakage_removed
 `prepare()` is the Python API the trainer calls when `data.prepare: true`; it writes the splits as JSONL in
-OpenAI-messages form plus quarantine.jsonl, removed.jsonl, manifest.json, report.md/.html and two PNG charts.
+OpenAI-messages form (tools and tool calls included) plus quarantine.jsonl, removed.jsonl, pii_findings.jsonl,
+manifest.json (`records.data.DataManifest`), report.md/.html and two PNG charts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunesmith.atomic import write_text as atomic_write_text
-from tunesmith.data import dedup, diversity, lengths, pii, split
+from tunesmith.data import dedup, diversity, lengths, pii, report, split
+from tunesmith.data.columns import parse_columns
 from tunesmith.data.errors import PrepareError
-from tunesmith.data.formats import Conversation, canonical_json, snapshot_hash
+from tunesmith.data.formats import Conversation, conversation_key, snapshot_hash, to_format
 from tunesmith.data.readers import load_records
+from tunesmith.data.toolcalls import message_text
+from tunesmith.records.data import COUNT_PARTS, DataManifest, SplitInfo
 
 PII_MODES = ("report", "redact", "drop")
 
@@ -46,8 +49,10 @@ class PrepareOptions:
     embedder: str = "auto"  # auto | minilm | tfidf
     diversity: bool = True
     examples_per_reason: int = 3
+    columns: dict[str, str] = field(default_factory=dict)  # column mapping, e.g. {"prompt": "question"}
 
     def validate(self) -> None:
+        parse_columns(self.columns)
         unknown = set(self.dedup) - {"exact", "near"}
         if unknown:
             raise PrepareError(f"--dedup: unknown kind(s) {sorted(unknown)}; use exact, near, or both (exact,near)")
@@ -70,15 +75,13 @@ class PrepareOptions:
             raise PrepareError(str(exc)) from None
 
 
-def record_text(messages: list[dict[str, str]]) -> str:
-    """The text dedup compares: roles included, so a question and the same text as an answer differ."""
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-
-
-def _reason_class(reason: str) -> str:
-    """Group quarantine reasons for the report: drop quoted values and numbers ("unknown role 'bot2'" -> "unknown role")."""
-    text = re.sub(r"'[^']*'|\"[^\"]*\"|\([^)]*\)|(?<![\w-])\d+", "", reason.split(":")[0]).strip()
-    return re.sub(r"\s+", " ", text) or reason[:40]
+def record_text(conversation: Conversation | list[dict[str, Any]]) -> str:
+    """The text dedup compares: roles included, so a question and the same text as an answer differ; tool calls and
+    tool definitions included, so conversations that differ only in them are not duplicates."""
+    messages = conversation.messages if isinstance(conversation, Conversation) else conversation
+    text = "\n".join(f"{m['role']}: {message_text(m)}" for m in messages)
+    tools = conversation.tools if isinstance(conversation, Conversation) else None
+    return f"{text}\ntools: {json.dumps(tools, sort_keys=True)}" if tools else text
 
 
 def _load_tokenizer(name: str | None):
@@ -106,22 +109,25 @@ class _State:
         return keep.count(False)
 
     def texts(self) -> list[str]:
-        return [record_text(c.messages) for c in self.conversations]
+        return [record_text(c) for c in self.conversations]
 
 
-def _screen_pii(state: _State, mode: str) -> tuple[Counter, int]:
-    """Count (and redact or drop) PII. Runs before dedup so records differing only in an email become exact
-    duplicates after redaction."""
+def _screen_pii(state: _State, mode: str) -> tuple[Counter, int, list[dict[str, Any]]]:
+    """Count (and redact or drop) PII and secrets; every finding is listed (file, line, field, placeholder, what
+    was done), never its value. Runs before dedup so records differing only in an email become exact duplicates
+    after redaction."""
     totals: Counter = Counter()
-    keep, details = [], {}
+    keep, details, findings = [], {}, []
+    action = {"redact": "redacted", "report": "reported", "drop": "record dropped"}[mode]
     for index, conversation in enumerate(state.conversations):
-        messages, counts = pii.scan_messages(conversation.messages, mode)
+        messages, counts, found = pii.scan_messages(conversation.messages, mode)
         totals.update(counts)
+        findings += [{"file": conversation.source, "line": conversation.line, **f, "action": action} for f in found]
         conversation.messages = messages
         keep.append(not (mode == "drop" and counts))
         if not keep[-1]:
             details[index] = {"pii_types": sorted(counts)}  # types only, never values
-    return totals, state.drop(keep, "pii", details)
+    return totals, state.drop(keep, "pii", details), findings
 
 
 def _deduplicate(state: _State, options: PrepareOptions) -> dict[str, int]:
@@ -141,7 +147,7 @@ def _deduplicate(state: _State, options: PrepareOptions) -> dict[str, int]:
 
 
 def _trim(state: _State, options: PrepareOptions, tokenizer: Any | None) -> tuple[dict[str, Any], int]:
-    values, unit = lengths.token_lengths([c.messages for c in state.conversations], tokenizer)
+    values, unit = lengths.token_lengths(state.conversations, tokenizer)
     limit = lengths.trim_limit(values, options.trim_percentile, options.max_tokens)
     keep = [limit is None or n <= limit for n in values]
     trimmed = state.drop(keep, "trimmed", {i: {"length": n, "limit": limit} for i, n in enumerate(values)
@@ -159,7 +165,7 @@ def _split(state: _State, options: PrepareOptions) -> tuple[dict[str, list[int]]
         labels, report = diversity.cluster_report(texts, options.clusters, options.embedder, options.seed)
         report["examples"] = [pii.redact(texts[i][:160]) if i is not None else ""
                               for i in report.pop("example_index", [])]
-    keys = [canonical_json(c.messages) for c in state.conversations]
+    keys = [conversation_key(c) for c in state.conversations]
     fractions = split.parse_fractions(options.split)
     return split.split_indices(keys, fractions, options.seed, labels if options.stratify_clusters else None), report
 
@@ -190,47 +196,53 @@ def _leakage(state: _State, assigned: dict[str, list[int]], options: PrepareOpti
     return {"threshold": options.near_threshold, "pairs": pairs}, removed
 
 
-COUNT_PARTS = ("kept", "quarantined", "duplicates_exact", "duplicates_near", "trimmed", "pii_dropped",
-               "leakage_removed")
+@dataclass
+class PipelineResult:
+    """What the pipeline produced: the manifest, and the records that go to files beside it."""
+
+    manifest: DataManifest
+    splits: dict[str, list[Conversation]]
+    quarantine: list[dict[str, Any]]
+    removed: list[dict[str, Any]]
+    findings: list[dict[str, Any]]
 
 
-def run_pipeline(files: list[str], options: PrepareOptions, tokenizer: Any | None = None) -> dict[str, Any]:
-    """Everything but writing: returns the manifest plus private `_splits`, `_quarantine`, `_removed` entries."""
+def run_pipeline(files: list[str], options: PrepareOptions, tokenizer: Any | None = None) -> PipelineResult:
+    """Everything but writing."""
     options.validate()
-    loaded = load_records(files, options.format)
+    loaded = load_records(files, options.format, parse_columns(options.columns))
     state = _State(loaded.conversations)
-    pii_counts, pii_dropped = _screen_pii(state, options.pii)
+    pii_counts, pii_dropped, findings = _screen_pii(state, options.pii)
     duplicates = _deduplicate(state, options)
     length_report, trimmed = _trim(state, options, tokenizer)
     assigned, diversity_report = _split(state, options)
     leakage, leakage_removed = _leakage(state, assigned, options)
     splits = {name: [state.conversations[i] for i in indices] for name, indices in assigned.items()}
-    manifest: dict[str, Any] = {
-        "input": loaded.input, "kept": sum(len(v) for v in splits.values()), "quarantined": len(loaded.quarantine),
-        **duplicates, "trimmed": trimmed, "pii_dropped": pii_dropped, "leakage_removed": leakage_removed,
-        "pii": {kind: pii_counts[kind] for kind in pii.TYPES if pii_counts[kind]}, "pii_mode": options.pii,
-        "splits": {name: {"count": len(items), "hash": snapshot_hash(items), "path": None}
-                   for name, items in splits.items()},
-        "quarantine_reasons": dict(Counter(_reason_class(q["reason"]) for q in loaded.quarantine).most_common()),
-        "lengths": length_report, "diversity": diversity_report, "leakage": leakage,
-        "near_dedup": {"backend": dedup.backend(),
-                       "bands_rows": list(dedup.lsh_params(options.near_threshold, options.num_perm))},
-        "formats": loaded.formats,
-        "files": [{"path": str(f), "sha256": _file_sha256(f)} for f in files],
-        "options": {**asdict(options), "dedup": list(options.dedup)},
-    }
-    total = sum(manifest[p] for p in COUNT_PARTS)
-    manifest["identity"] = {"holds": total == manifest["input"], "formula": f"input {manifest['input']} = "
-                            + " + ".join(f"{p} {manifest[p]}" for p in COUNT_PARTS)}
-    if total != manifest["input"]:  # a bug, never a data problem: fail loudly rather than write a wrong manifest
-        raise AssertionError(f"counts do not add up: {manifest['identity']['formula']} (sum {total})")
-    manifest["_splits"], manifest["_quarantine"], manifest["_removed"] = splits, loaded.quarantine, state.removed
-    return manifest
+    manifest = DataManifest(
+        input=loaded.input, kept=sum(len(v) for v in splits.values()), quarantined=len(loaded.quarantine),
+        **duplicates, trimmed=trimmed, pii_dropped=pii_dropped, leakage_removed=leakage_removed,
+        pii={kind: pii_counts[kind] for kind in pii.TYPES if pii_counts[kind]}, pii_mode=options.pii,
+        splits={name: SplitInfo(len(items), snapshot_hash(items)) for name, items in splits.items()},
+        quarantine_reasons=dict(Counter(report.reason_class(q["reason"]) for q in loaded.quarantine).most_common()),
+        lengths=length_report, diversity=diversity_report, leakage=leakage,
+        near_dedup={"backend": dedup.backend(),
+                    "bands_rows": list(dedup.lsh_params(options.near_threshold, options.num_perm))},
+        formats=loaded.formats,
+        tool_conversations=sum(1 for items in splits.values() for c in items
+                               if c.tools or any(m["role"] == "tool" or m.get("tool_calls") for m in c.messages)),
+        files=[{"path": str(f), "sha256": _file_sha256(f)} for f in files],
+        options={**asdict(options), "dedup": list(options.dedup)},
+    )
+    manifest.identity = manifest.count_identity()
+    if not manifest.identity["holds"]:  # a bug, never a data problem: fail loudly rather than write a wrong manifest
+        raise AssertionError(f"counts do not add up: {manifest.identity['formula']} "
+                             f"(sum {sum(getattr(manifest, p) for p in COUNT_PARTS)})")
+    return PipelineResult(manifest, splits, loaded.quarantine, state.removed, findings)
 
 
 def _file_sha256(path: str | Path) -> str | None:
     path = Path(path)
-    if path.is_dir():
+    if not path.is_file():  # a saved dataset folder or a hub id
         return None
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -239,14 +251,10 @@ def _file_sha256(path: str | Path) -> str | None:
     return "sha256:" + digest.hexdigest()
 
 
-def public(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in manifest.items() if not k.startswith("_")}
-
-
-def check(files: list[str], options: PrepareOptions | None = None, tokenizer: Any | None = None) -> dict[str, Any]:
+def check(files: list[str], options: PrepareOptions | None = None, tokenizer: Any | None = None) -> DataManifest:
     """Validate and measure without writing anything: the manifest's counts (split paths are None)."""
     options = options or PrepareOptions()
-    return public(run_pipeline(files, options, tokenizer or _load_tokenizer(options.tokenizer)))
+    return run_pipeline(files, options, tokenizer or _load_tokenizer(options.tokenizer)).manifest
 
 
 def _jsonl(rows: list[Any]) -> str:
@@ -254,25 +262,27 @@ def _jsonl(rows: list[Any]) -> str:
 
 
 def prepare(files: list[str], out_dir: str | Path, options: PrepareOptions | None = None,
-            tokenizer: Any | None = None) -> dict[str, Any]:
+            tokenizer: Any | None = None) -> DataManifest:
     """Run the pipeline and write DIR/{train,validation,test}.jsonl (messages form), quarantine.jsonl,
-    removed.jsonl, manifest.json, report.md, report.html, length_hist.png, clusters.png. Returns the manifest."""
-    from tunesmith.data import report
-
+    removed.jsonl, pii_findings.jsonl, manifest.json, report.md, report.html, length_hist.png, clusters.png.
+    Returns the manifest."""
     options = options or PrepareOptions()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = run_pipeline(files, options, tokenizer or _load_tokenizer(options.tokenizer))
-    splits, quarantine, removed = manifest.pop("_splits"), manifest.pop("_quarantine"), manifest.pop("_removed")
-    for name, items in splits.items():
+    result = run_pipeline(files, options, tokenizer or _load_tokenizer(options.tokenizer))
+    manifest = result.manifest
+    for name, items in result.splits.items():
         path = out / f"{name}.jsonl"
-        atomic_write_text(path, _jsonl([{"messages": c.messages} for c in items]))
-        manifest["splits"][name]["path"] = str(path)
-    atomic_write_text(out / "quarantine.jsonl", _jsonl(quarantine))
-    atomic_write_text(out / "removed.jsonl", _jsonl(removed))
-    manifest["quarantine_path"], manifest["removed_path"] = str(out / "quarantine.jsonl"), str(out / "removed.jsonl")
-    manifest["report"] = report.write_report(out, manifest, quarantine, removed, options.examples_per_reason)
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(path, _jsonl([to_format(c, "messages") for c in items]))
+        manifest.splits[name].path = str(path)
+    for attribute, name, rows in (("quarantine_path", "quarantine.jsonl", result.quarantine),
+                                  ("removed_path", "removed.jsonl", result.removed),
+                                  ("findings_path", "pii_findings.jsonl", result.findings)):
+        atomic_write_text(out / name, _jsonl(rows))
+        setattr(manifest, attribute, str(out / name))
+    manifest.report = report.write_report(out, manifest, result.quarantine, result.removed, result.findings,
+                                          options.examples_per_reason)
+    manifest.write(out)
     return manifest
 
 
@@ -282,4 +292,5 @@ def options_for_training(data_config: Any, tokenizer: str | None = None, seed: i
     `validation_fraction` when no validation files are given (else everything goes to train)."""
     fraction = 0.0 if getattr(data_config, "validation", None) else float(data_config.validation_fraction)
     return PrepareOptions(format=data_config.format, seq_len=data_config.max_seq_len, tokenizer=tokenizer, seed=seed,
-                          split=f"{1.0 - fraction!r},{fraction!r}" if fraction else "1.0")
+                          split=f"{1.0 - fraction!r},{fraction!r}" if fraction else "1.0",
+                          columns=dict(getattr(data_config, "columns", None) or {}))

@@ -94,7 +94,7 @@ def template_input(tokenizer: PreTrainedTokenizerBase, conversation: Conversatio
     return toolcalls.hermes_fallback(conversation.messages, conversation.tools), None, True
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool,
+def render_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool,
             tools: list[dict] | None = None) -> str:
     if not messages:
         return ""
@@ -107,13 +107,13 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, conversation: Conversati
     """Full rendered text and the character spans [start, end) of each trained assistant turn (content, tool calls
     and end-of-turn; a turn with weight 0 is skipped)."""
     messages, tools, _ = template_input(tokenizer, conversation)
-    full = _render(tokenizer, messages, add_generation_prompt=False, tools=tools)
+    full = render_text(tokenizer, messages, add_generation_prompt=False, tools=tools)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or message.get("weight") == 0:
             continue
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
-        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
+        prompt = render_text(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+        upto = render_text(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
         if not (full.startswith(prompt) and full.startswith(upto) and upto.startswith(prompt)):
             raise RecordError(conversation.source, conversation.line, f"messages[{i}]",
                               "the chat template does not render this conversation incrementally; "

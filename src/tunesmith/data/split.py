@@ -11,10 +11,12 @@ import hashlib
 import math
 from collections.abc import Sequence
 
+from tunesmith.errors import UsageError
+
 SPLIT_NAMES = ("train", "validation", "test")
 
 
-class SplitError(ValueError):
+class SplitError(UsageError):
     pass
 
 

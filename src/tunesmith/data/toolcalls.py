@@ -61,8 +61,8 @@ def parse_weight(turn: dict, where: Where, path: str) -> int | None:
         return int(value)
     if isinstance(value, int | float) and value in (0, 1):
         return int(value)
-    raise RecordError(*where, f"{path}.{keys[0]}", f"expected 0 or 1, got {value!r} (the loss mask is 0/1 per token; "
-                      "fractional weights are not supported)")
+    raise RecordError(*where, f"{path}.{keys[0]}", f"weight not 0 or 1: got {value!r} (the loss mask is 0/1 per "
+                      "token; fractional weights are not supported)")
 
 
 def _json_value(value: Any, where: Where, path: str) -> Any:

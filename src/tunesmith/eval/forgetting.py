@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tunesmith.errors import UsageError
 from tunesmith.eval.generate import eval_mode, generate_batch, render_prompts
 from tunesmith.eval.metrics import squad_tokens
 from tunesmith.models.tokens import pad_token_id
@@ -79,7 +80,7 @@ def base_view(model, base_model=None) -> Iterator[Any]:
         yield base_model
         return
     if not hasattr(model, "disable_adapter"):
-        raise ValueError(
+        raise UsageError(
             "the base model is needed for forgetting measures: pass base_model= (a separate copy) for a model "
             "that is not a peft model"
         )

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 from transformers import GenerationConfig
 
+from tunesmith.errors import UsageError
 from tunesmith.models.tokens import pad_token_id, stop_token_ids
 
 
@@ -77,10 +78,10 @@ def generate_token_ids(
     examples finished so far and the current batch's token count (long evaluations report as they go).
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     stops = stop_token_ids(model, tokenizer)
     if not stops:
-        raise ValueError("the tokenizer has no eos token and no known end-of-turn token; cannot tell where to stop")
+        raise UsageError("the tokenizer has no eos token and no known end-of-turn token; cannot tell where to stop")
     config = _generation_config(model, tokenizer, max_new_tokens, greedy, stops)
     pad = config.pad_token_id
     device = _device(model)

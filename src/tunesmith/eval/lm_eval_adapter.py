@@ -10,12 +10,14 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+from tunesmith.errors import Failure, UsageError
+
 # Tasks users ask for most; any task name the installed harness knows is accepted.
 KNOWN_TASKS = ("mmlu", "hellaswag", "gsm8k", "humaneval", "arc_easy", "arc_challenge", "truthfulqa_mc2",
                "winogrande", "piqa", "boolq")
 
 
-class LmEvalUnavailable(RuntimeError):
+class LmEvalUnavailable(Failure):
     """The harness or a task's data is not available; the message says how to get it."""
 
 
@@ -31,7 +33,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None, nu
     loaded (no network and no local copy).
     """
     if not tasks:
-        raise ValueError("no lm-eval tasks named; e.g. --lm-eval mmlu,hellaswag")
+        raise UsageError("no lm-eval tasks named; e.g. --lm-eval mmlu,hellaswag")
     if not lm_eval_available():
         raise LmEvalUnavailable(
             f"lm-eval tasks {', '.join(tasks)} need EleutherAI's harness, which is not installed: "

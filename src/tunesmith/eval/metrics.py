@@ -23,11 +23,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from tunesmith.errors import UsageError
+
 MetricFn = Callable[..., float | None]
 METRICS: dict[str, MetricFn] = {}
 
 
-class MetricError(ValueError):
+class MetricError(UsageError):
     """A metric was named that does not exist, or was called without an option it needs."""
 
 

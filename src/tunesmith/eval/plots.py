@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from tunesmith.atomic import atomic_file  # noqa: E402
+from tunesmith.errors import UsageError
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -28,9 +29,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON: {exc.msg}") from exc
+                raise UsageError(f"{path}:{number}: not valid JSON: {exc.msg}") from exc
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object per line")
+                raise UsageError(f"{path}:{number}: expected a JSON object per line")
             records.append(record)
     return records
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.data.formats import Conversation, read_conversations
+from tunesmith.errors import UsageError
 from tunesmith.eval.generate import generate_batch
 from tunesmith.eval.metrics import check_metric_names, score
 
@@ -24,11 +25,11 @@ def split_conversation(conversation: Conversation) -> tuple[list[dict[str, str]]
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     where = f"{conversation.source}:{conversation.line}" if conversation.source else "conversation"
     if last is None:
-        raise ValueError(f"{where}: no assistant turn to use as the reference")
+        raise UsageError(f"{where}: no assistant turn to use as the reference")
     prompt = [dict(m) for m in messages[:last]]
     users = [m["content"] for m in prompt if m["role"] == "user"]
     if not users:
-        raise ValueError(f"{where}: no user turn before the last assistant turn")
+        raise UsageError(f"{where}: no user turn before the last assistant turn")
     return prompt, messages[last]["content"], users[-1]
 
 
@@ -50,7 +51,7 @@ def evaluate_task(
     """
     check_metric_names(metrics)
     if max_examples is not None and max_examples < 1:
-        raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+        raise UsageError(f"max_examples must be >= 1, got {max_examples}")
     chosen = conversations[:max_examples] if max_examples is not None else list(conversations)
     split = [split_conversation(c) for c in chosen]
     prompts = [p for p, _, _ in split]

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
+from tunesmith.errors import UsageError
 from tunesmith.models.facts import ModelFacts
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 METHOD_FILE = "tunesmith_method.json"
 
 
-class MethodError(ValueError):
+class MethodError(UsageError):
     """A method cannot do what was asked (merge a prefix, checkpoint a prefix-tuned model, ...); says why."""
 
 
@@ -103,6 +104,8 @@ class Method:
     # at the folder itself.
     export_pair: bool = True
     supports_gradient_checkpointing: bool = True
+    # FSDP2 sharding (train/sharding.py) shards the live modules; prompt learning's saved embeddings would be shards.
+    supports_sharding: bool = True
     # Packing feeds a 4-D block-diagonal mask and per-example positions; prompt-learning methods prepend virtual
     # tokens that such a mask cannot describe, so the trainer refuses packing when this is False.
     supports_packing: bool = True

@@ -119,6 +119,7 @@ class PromptLearningMethod(Method):
 
     can_merge = False
     supports_packing = False
+    supports_sharding = False  # peft saves the prompt embeddings from the live (sharded) module
     uses_virtual_tokens = True
 
     def learning_rate_range(self, full_range: tuple[float, float]) -> tuple[float, float]:

@@ -28,6 +28,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tunesmith.errors import UsageError
+
 FORMULA_FAMILIES = ("llama", "mistral", "qwen2")
 
 
@@ -93,7 +95,7 @@ class ModelFacts:
         return [m for m in self.modules if m.kind == "linear" and m.layer is not None]
 
 
-class ModelFactsError(ValueError):
+class ModelFactsError(UsageError):
     """A model's config cannot be found or read; the message names where it looked."""
 
 

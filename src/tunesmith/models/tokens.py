@@ -6,6 +6,8 @@ path stops on the same tokens and pads the same way.
 
 from __future__ import annotations
 
+from tunesmith.errors import UsageError
+
 # End-of-turn markers of common chat templates; whichever the tokenizer knows as a special token stops generation.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
@@ -36,4 +38,4 @@ def pad_token_id(tokenizer, stops: list[int] | None = None) -> int:
         return int(tokenizer.eos_token_id)
     if stops:
         return int(stops[0])
-    raise ValueError("the tokenizer has no pad, eos or end-of-turn token to pad batches with")
+    raise UsageError("the tokenizer has no pad, eos or end-of-turn token to pad batches with")

@@ -29,6 +29,8 @@ Methods that re-align the logits (prompt tuning prepends virtual positions: `Met
 take the full path: (batch, seq, vocab) in fp32 held 4 times (the logits, the saved log-softmax output, its
 gradient, the logits' gradient; measured by RSS on the reference model), + 2 bytes of 16-bit logits.
 Attention: SDPA (or flash attention) keeps no seq x seq score matrix, only the log-sum-exp per head and token.
+Packing (every method that supports it) feeds SDPA an additive 4-D block-diagonal mask, (batch, 1, seq, seq) in
+the compute dtype, which autograd keeps once for all layers (measured with saved_tensors_hooks: ~1-1.25 x that).
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ def activation_estimate(
         recompute = 0
     # Outside the layer stack: the final norm (input, x*rsqrt, output) when its weight trains, else its output.
     saved += tokens * (3 if owner.trains_base_weights else 1) * f.hidden_size * act_bytes
+    if owner.supports_packing:  # the packed block-diagonal mask, shared by every layer
+        saved += batch_size * seq * seq * act_bytes
     if owner.selective_logits:
         labelled = math.ceil(labelled_fraction * batch_size * seq_len)
         logits = labelled * f.vocab_size * (3 * 4 + (act_bytes if act_bytes < 4 else 0))

@@ -8,11 +8,12 @@ cheaper ones fits, so the answer is the cheapest configuration that fits, not me
  2. a smaller micro-batch with more gradient accumulation, the effective batch kept (same tokens per step; the
     lower GPU utilisation of very small micro-batches is not modelled);
  3. 8-bit paged AdamW (bitsandbytes): 2 instead of 8 bytes of optimizer state per trainable parameter (GPU only);
- 4. with --gpus N > 1: sharded (FSDP2 full sharding through accelerate) instead of replicated (data parallel);
+ 4. with --gpus N > 1: sharded (FSDP2 full sharding, train.sharding=fsdp) instead of replicated (data parallel);
  5. a shorter sequence (halved, down to 256 tokens): the last resort, since it truncates data; with --data the
     share of examples and tokens it would cut is reported;
- 6. CPU offload (FSDP2's CPUOffloadPolicy): parameters, gradients and optimizer state in host memory; the step is
-    much slower (not estimated).
+ 6. with --gpus N > 1, CPU offload (train.fsdp_cpu_offload, FSDP2's CPUOffloadPolicy): parameters, gradients and
+    optimizer state in host memory; the step is much slower (not estimated). One process trains unsharded, so a
+    single GPU gets no offload plan.
 The memory of each candidate comes from plan/memory.py's `estimate_memory` (the model bench/memory_accuracy.py
 measures); this module adds no second copy of it, only the per-GPU split under sharding (`sharded_bytes_per_gpu`).
 """
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 USABLE_FRACTION = 0.92  # 8% of each GPU kept free for allocator fragmentation
 CHECKPOINTING_STEP_TIME = 4 / 3  # one extra forward per step (forward ~ 1/3 of forward + backward)
 MIN_SEQ_LEN = 256
-ACCELERATE_FSDP_CONFIG = "examples/accelerate/fsdp.yaml"
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,8 @@ class Solution:
     turned: list[str] = field(default_factory=list)  # the knobs turned, in words
     step_time_notes: list[str] = field(default_factory=list)  # slowdowns the estimate does not include
     truncated: dict[str, float] | None = None  # with --data: share of examples and tokens cut at max_seq_len
+    shortened_from: int | None = None  # the asked sequence length when the solver had to shorten it
+    host_bytes_for_offload: int | None = None  # with CPU offload: host memory for parameters, grads and optimizer
     launch: str = ""
     why_not: str | None = None
 
@@ -107,24 +109,25 @@ def _halvings(start: int, floor: int) -> list[int]:
     return values
 
 
-def _strategies(budget: Budget) -> list[tuple[str, bool]]:
-    """(strategy, cpu offload) in cost order; sharded single-GPU only serves offload."""
-    if budget.device == "cpu":
+def _strategies(budget: Budget, supports_sharding: bool) -> list[tuple[str, bool]]:
+    """(strategy, cpu offload) in cost order. Sharding and its CPU offload need several processes: `tunesmith train`
+    trains unsharded in one process (train/sharding.py), so one GPU gets no offload plan."""
+    if budget.device == "cpu" or budget.gpus == 1:
         return [("single", False)]
-    if budget.gpus == 1:
-        return [("single", False), ("sharded", True)]
+    if not supports_sharding:
+        return [("replicated", False)]
     return [("replicated", False), ("sharded", False), ("sharded", True)]
 
 
 def launch_line(knobs: Knobs, config_path: str = "run.yaml") -> str:
-    """The command that runs the plan: one process, data parallel over N, or FSDP2 through accelerate."""
-    if knobs.strategy == "single" and not knobs.cpu_offload:
+    """The command that runs the plan: one process, or N processes through torchrun (data parallel; FSDP2 when the
+    written config says train.sharding: fsdp, with train.fsdp_cpu_offload for offload: train/sharding.py)."""
+    if knobs.strategy == "single":
         return f"tunesmith train {config_path}"
-    if knobs.strategy == "replicated":
-        return f"accelerate launch --multi_gpu --num_processes {knobs.gpus} --module tunesmith.cli train {config_path}"
-    line = (f"accelerate launch --config_file {ACCELERATE_FSDP_CONFIG} --num_processes {knobs.gpus} "
-            f"--module tunesmith.cli train {config_path}")
-    return line + ("  # with fsdp_offload_params: true in the accelerate config" if knobs.cpu_offload else "")
+    line = f"torchrun --nproc_per_node {knobs.gpus} -m tunesmith.cli train {config_path}"
+    if knobs.strategy == "sharded":
+        line += "  # FSDP2: train.sharding=fsdp" + (", train.fsdp_cpu_offload=true" if knobs.cpu_offload else "")
+    return line
 
 
 def _layer_bytes(facts: ModelFacts, est: MemoryEstimate) -> int:
@@ -133,16 +136,19 @@ def _layer_bytes(facts: ModelFacts, est: MemoryEstimate) -> int:
     return int(max(facts.layer_params or [0]) * per_param)
 
 
-def _candidates(method_supports_ckpt: bool, budget: Budget, start: Start):
+def _candidates(method_supports_ckpt: bool, budget: Budget, start: Start, supports_sharding: bool = True):
     """Knob combinations with their cost key, cheapest first (see the module docstring for the order)."""
     first_mb = max(1, min(start.batch_size, start.effective_batch))
     micro = _halvings(first_mb, 1)
     seqs = _halvings(start.seq_len, MIN_SEQ_LEN) if start.seq_len > MIN_SEQ_LEN else [start.seq_len]
     optimizers = [start.optimizer] + (["paged_adamw_8bit"] if budget.device != "cpu" and start.optimizer == "adamw" else [])
-    ckpts = [True] if start.gradient_checkpointing else ([False, True] if method_supports_ckpt else [False])
+    if not method_supports_ckpt:
+        ckpts = [False]
+    else:
+        ckpts = [True] if start.gradient_checkpointing else [False, True]
     out = []
     for (_s_i, (strategy, offload)), (q_i, seq), (o_i, opt), (m_i, mb), (c_i, ckpt) in itertools.product(
-            enumerate(_strategies(budget)), enumerate(seqs), enumerate(optimizers), enumerate(micro), enumerate(ckpts)):
+            enumerate(_strategies(budget, supports_sharding)), enumerate(seqs), enumerate(optimizers), enumerate(micro), enumerate(ckpts)):
         sharded = strategy == "sharded" and not offload
         key = (offload, q_i, sharded, o_i, m_i, c_i)
         processes = budget.gpus if strategy != "single" else 1
@@ -164,7 +170,7 @@ def evaluate(facts: ModelFacts, method: MethodConfig, knobs: Knobs, budget: Budg
     est = estimate_memory(facts, method, setup)
     layer = _layer_bytes(facts, est)
     by_strategy: dict[str, int | None] = {"replicated": est.total, "sharded": None}
-    if budget.device != "cpu":
+    if budget.device != "cpu" and budget.gpus > 1 and get_method(method.name).supports_sharding:
         by_strategy["sharded"] = sharded_bytes_per_gpu(est, budget.gpus, layer, offload=False)
     if knobs.strategy == "sharded":
         peak = sharded_bytes_per_gpu(est, knobs.gpus, layer, offload=knobs.cpu_offload)
@@ -206,7 +212,7 @@ def solve(facts: ModelFacts, method: MethodConfig, budget: Budget, start: Start,
           truncation: Callable[[int], dict[str, float]] | None = None) -> Solution:
     """The cheapest configuration of `method` that fits `budget`, or the smallest one with why it does not fit."""
     owner = get_method(method.name)
-    candidates = _candidates(owner.supports_gradient_checkpointing, budget, start)
+    candidates = _candidates(owner.supports_gradient_checkpointing, budget, start, owner.supports_sharding)
     smallest = None
     for knobs in candidates:
         est, peak, by_strategy = evaluate(facts, method, knobs, budget, start)
@@ -224,7 +230,8 @@ def _solution(owner, fits, knobs, est, peak, by_strategy, budget, start, truncat
     notes = []
     if knobs.cpu_offload:
         notes.append("CPU offload: the optimizer step runs on the host and weights stream over PCIe (much slower; "
-                     "not estimated); the host needs the parameters, gradients and optimizer state in RAM")
+                     "not estimated); the host needs the parameters, gradients and optimizer state in RAM "
+                     "(host_bytes_for_offload, not checked against the host)")
     if knobs.strategy != "single":
         notes.append("multi-GPU communication (gradient all-reduce, FSDP all-gathers) is not included")
     if est.quant_constant_bits_per_param is not None:
@@ -237,7 +244,9 @@ def _solution(owner, fits, knobs, est, peak, by_strategy, budget, start, truncat
         relative_step_time=round(CHECKPOINTING_STEP_TIME if knobs.gradient_checkpointing else 1.0, 3),
         turned=_turned(knobs, start), step_time_notes=notes,
         truncated=truncation(knobs.max_seq_len) if truncation and knobs.max_seq_len < start.seq_len else None,
-        launch=launch_line(knobs),
+        shortened_from=start.seq_len if knobs.max_seq_len < start.seq_len else None, launch=launch_line(knobs),
+        host_bytes_for_offload=(est.weights + est.trainable + est.gradients + est.master_weights + est.optimizer)
+        if knobs.cpu_offload else None,
     )
 
 
@@ -249,6 +258,8 @@ def why_not(facts: ModelFacts, method: MethodConfig, knobs: Knobs, est: MemoryEs
             f"{peak / GiB:.1f} GiB per {'GPU' if budget.device != 'cpu' else 'host'}")
     if budget.device == "cpu":
         return text + f"; needs {peak / USABLE_FRACTION / GiB:.1f} GiB"
+    if not get_method(method.name).supports_sharding:
+        return text + f"; needs one GPU of {est.total / USABLE_FRACTION / GiB:.0f} GiB ({method.name} is not sharded)"
     layer = _layer_bytes(facts, est)
     for n in range(max(2, budget.gpus + 1), 1025):
         if sharded_bytes_per_gpu(est, n, layer) <= budget.usable:

@@ -15,8 +15,10 @@ def looks_like_path(name_or_path: str) -> bool:
 
 def config_paths(config: RunConfig) -> list[tuple[str, str]]:
     """(config key, path as written) for every file or folder the config names."""
+    from tunesmith.data.hub import parse_source  # hf:ORG/NAME and FOLDER:SPLIT are dataset sources, not paths
+
     keyed = [(f"data.{split}[{i}]", path) for split in ("train", "validation", "test")
-             for i, path in enumerate(getattr(config.data, split))]
+             for i, path in enumerate(getattr(config.data, split)) if parse_source(path) is None]
     keyed += [(f"eval.splits.{name}[{i}]", path) for name, paths in config.eval.splits.items()
               for i, path in enumerate(paths)]
     if looks_like_path(config.model.name_or_path):

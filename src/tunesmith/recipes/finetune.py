@@ -11,9 +11,10 @@ trains. Steps, in order (the order is part of the seeded run: the same seed give
 Run directory: config.yaml, data_manifest.json, metrics.jsonl, loss_curves.png, adapter/, summary.json,
 checkpoints/step-N/, and eval.json when test data is configured.
 
-Building on it (continual learning, multi-task sequences): `run_finetune(config, init_model=..., extra_callbacks=...)`
-starts from given weights (`init_model(model, method) -> model` runs after `method.apply`, before training) and adds
-trainer callbacks (the protocol in train/callbacks.py); each step below is a function that a recipe may reuse.
+Building on it (continual learning, multi-task sequences): `run_finetune(config, init_model=..., extra_callbacks=...,
+loss_terms=...)` starts from given weights (`init_model(model, method) -> model` runs after `method.apply`, before
+training), adds trainer callbacks (the protocol in train/callbacks.py) and extra loss terms (an EWC penalty); each
+step below is a function that a recipe may reuse.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from tunesmith.atomic import write_json, write_text
 from tunesmith.config import ConfigError, RunConfig, resolved_yaml
@@ -40,9 +39,11 @@ from tunesmith.recipes.report import finish_run, task_eval, write_task_eval
 from tunesmith.recipes.splits import load_splits, prepare_data
 from tunesmith.records.run import RunSummary
 from tunesmith.train.callbacks import TrainState
+from tunesmith.train.lock import acquire_run_lock
 from tunesmith.train.loop import LoopContext, train
 
 InitModel = Callable[[Any, Method], Any]
+LossTerm = Callable[[Any], tuple[str, Any]]
 
 
 @dataclass
@@ -68,8 +69,12 @@ class TrainingData:
 
 
 def run_finetune(config: RunConfig, resume: bool = False, log=print, *, init_model: InitModel | None = None,
-                 extra_callbacks: Sequence[Any] = ()) -> RunSummary | None:
+                 extra_callbacks: Sequence[Any] = (), loss_terms: Sequence[LossTerm] = ()) -> RunSummary | None:
     """Train one run end to end; returns its summary (None on processes other than the main one).
+
+    init_model(model, method) -> model: runs after method.apply (start from given weights, e.g. an earlier adapter).
+    extra_callbacks: trainer callbacks (train/callbacks.py) beside the configured ones.
+    loss_terms: term(model) -> (name, scalar tensor) added to the loss each step (e.g. an EWC penalty; train/loop.py).
 
     Raises RegistrationFailed (run directory complete) when `output.register_run` is on and registering fails.
     """
@@ -78,7 +83,12 @@ def run_finetune(config: RunConfig, resume: bool = False, log=print, *, init_mod
     data = training_data(run)
     model, before = build_model(run, init_model)
     callbacks = [*_callbacks(config), *extra_callbacks]
-    state, trainable, total = train_model(run, model, data, resume, callbacks)
+    state, trainable, total = train_model(run, model, data, resume, callbacks, list(loss_terms))
+    from tunesmith.train import sharding
+
+    with sharding.exportable(model, run.method, run.accelerator) as export:  # collective under FSDP: gathers shards
+        if run.main:
+            run.method.save(export, run.run_dir / "adapter", config.method, config.model.name_or_path)
     summary = None
     if run.main:
         summary = finish(run, model, state, data, before, trainable, total)
@@ -87,15 +97,9 @@ def run_finetune(config: RunConfig, resume: bool = False, log=print, *, init_mod
 
 
 def start_run(config: RunConfig, resume: bool, log) -> FinetuneRun:
-    from accelerate import Accelerator
+    from tunesmith.train import sharding
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    sharded = accelerator.distributed_type.name
-    if sharded in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        # Checkpoints, the best-model reload and the adapter save read parameters from the unwrapped model: right
-        # for single process and DDP (full replicas), wrong for sharded parameters. Refuse rather than save shards.
-        raise ConfigError(f"accelerate is configured for {sharded}, which tunesmith does not support yet; "
-                          "use data parallelism (DDP: torchrun or `accelerate launch` without FSDP/DeepSpeed)")
+    accelerator = sharding.make_accelerator(config.train)  # one process, DDP or FSDP2; DeepSpeed refused
     main = accelerator.is_main_process
     say = log if main else (lambda *a, **k: None)
     started = time.perf_counter()
@@ -116,6 +120,7 @@ def start_run(config: RunConfig, resume: bool, log) -> FinetuneRun:
 
 def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
     run_dir = Path(config.output.dir) / (config.output.name or "run")
+    acquire_run_lock(run_dir)  # a second `tunesmith train` on this directory is refused (train/lock.py)
     if run_dir.exists() and not resume:
         if not config.output.overwrite:
             raise ConfigError(f"{run_dir} already exists: pass --resume to continue it, "
@@ -173,15 +178,15 @@ def build_model(run: FinetuneRun, init_model: InitModel | None) -> tuple[Any, di
     return model, before
 
 
-def train_model(run: FinetuneRun, model, data: TrainingData, resume: bool,
-                callbacks: list[Any]) -> tuple[TrainState, int, int]:
+def train_model(run: FinetuneRun, model, data: TrainingData, resume: bool, callbacks: list[Any],
+                loss_terms: list[LossTerm] | None = None) -> tuple[TrainState, int, int]:
     """Hand the model, the packs and the callbacks to the trainer; returns (state, trainable, total parameters)."""
     config, method = run.config, run.method
     attn = getattr(model.config, "_attn_implementation", None) or ""
     ctx = LoopContext(config.train, run.run_dir, run.tokenizer.pad_token_id,
                       block_mask=config.data.packing and attn != "flash_attention_2", precision=run.precision,
                       accelerator=run.accelerator, method=method, tokenizer=run.tokenizer, callbacks=callbacks,
-                      log=run.log)
+                      log=run.log, loss_terms=list(loss_terms or []))
     trainable = method.trainable_parameter_count(model)
     total = sum(p.numel() for p in model.parameters())
     run.log(f"{method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), "
@@ -196,9 +201,12 @@ def finish(run: FinetuneRun, model, state: TrainState, data: TrainingData, befor
            trainable: int, total: int) -> RunSummary:
     """Main process: save the adapter, evaluate on the test splits, write summary.json, report and register."""
     config, method, run_dir = run.config, run.method, run.run_dir
-    method.save(model, run_dir / "adapter", config.method, config.model.name_or_path)
-    after = None
-    if config.data.test or config.eval.splits:
+    from tunesmith.train import sharding
+
+    after = None  # the adapter was saved (gathered) by run_finetune before this
+    if (config.data.test or config.eval.splits) and sharding.is_sharded(run.accelerator):
+        run.log(f"notice: no test-split evaluation inside a sharded run; run `tunesmith eval {run_dir}`")
+    elif config.data.test or config.eval.splits:
         after = task_eval(config, method.prepare_for_generation(model), run.tokenizer, "tuned", run.log)
     summary = RunSummary(
         name=config.output.name, method=method.name, base_model=config.model.name_or_path, run_dir=str(run_dir),

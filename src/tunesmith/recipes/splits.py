@@ -12,11 +12,13 @@ from tunesmith.data.system_prompt import add_system_prompt
 from tunesmith.hashing import file_sha256
 
 
-def _read(paths: list[str], split: str, fmt: str, files: list[dict[str, Any]]) -> list[Conversation]:
+def _read(paths: list[str], split: str, fmt: str, files: list[dict[str, Any]],
+          columns: dict[str, str] | None = None) -> list[Conversation]:
     conversations: list[Conversation] = []
     for path in paths:
-        records = read_conversations(path, fmt)
-        files.append({"path": str(path), "split": split, "sha256": file_sha256(path), "records": len(records)})
+        records = read_conversations(path, fmt, columns)
+        sha256 = file_sha256(path) if Path(path).is_file() else None  # a saved dataset folder or a hub id has none
+        files.append({"path": str(path), "split": split, "sha256": sha256, "records": len(records)})
         conversations.extend(records)
     return conversations
 
@@ -31,10 +33,10 @@ def load_splits(config: RunConfig, log=print) -> tuple[list[Conversation], list[
     if not data.train:
         raise ConfigError("data.train: no training files given")
     files: list[dict[str, Any]] = []
-    train_conversations = _read(data.train, "train", data.format, files)
+    train_conversations = _read(data.train, "train", data.format, files, data.columns)
     if data.max_train_examples is not None:
         train_conversations = train_conversations[: data.max_train_examples]
-    validation = _read(data.validation, "validation", data.format, files)
+    validation = _read(data.validation, "validation", data.format, files, data.columns)
     held_out = 0
     if not data.validation and data.validation_fraction > 0 and len(train_conversations) > 1:
         order = list(range(len(train_conversations)))
@@ -66,7 +68,7 @@ def prepare_data(config: RunConfig, run_dir: Path, log=print) -> dict[str, Any]:
     from tunesmith.data.prepare import options_for_training, prepare
 
     options = options_for_training(config.data, tokenizer=None, seed=config.train.seed)
-    manifest = prepare(list(config.data.train), run_dir / "data", options)
+    manifest = prepare(list(config.data.train), run_dir / "data", options).to_dict()
     splits = manifest["splits"]
     config.data.train = [splits["train"]["path"]]
     if not config.data.validation and splits.get("validation", {}).get("count"):

@@ -13,10 +13,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tunesmith.errors import UsageError
+
 SCHEMA_VERSION = 1
 
 
-class PlanRecordError(ValueError):
+class PlanRecordError(UsageError):
     """A plan file is not a PlanReport this version of tunesmith can read; names the file and the key."""
 
 

@@ -1,5 +1,8 @@
 """Run registry: every fine-tune versioned like a release (SQLAlchemy store, content-addressed artifacts, aliases).
 
+It may import eval, train, methods, data, models, config, records and the bottom helpers (it reads run
+directories), never serve, ui or recipes.
+
 Public API (imported lazily, so `import tunesmith.registry` costs nothing until a function is used):
     register_run(run_dir, url=None, continued_from=None, merged_from=(), status=None) -> dict  (name, version, ...)
     resolve_alias(alias, url=None) -> Path        adapter folder in PEFT layout

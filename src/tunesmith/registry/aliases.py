@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tunesmith.registry import artifacts as art
+from tunesmith.registry import hooks
 from tunesmith.registry.runs import find_run, ref_of
 from tunesmith.registry.schema import Alias, AliasEvent, Run, utcnow
 from tunesmith.registry.store import RegistryError, open_registry, read, write
@@ -42,6 +43,7 @@ def _refresh_status(session: Session, run_id: int | None) -> None:
 def _move(session: Session, alias: str, run: Run, action: str) -> dict[str, Any]:
     now = utcnow()
     row = session.scalars(select(Alias).where(Alias.name == alias).with_for_update()).first()
+    hooks.checkpoint("alias-locked")
     previous = row.run_id if row is not None else None
     if previous == run.id and action == "promote":
         return {"alias": alias, "ref": ref_of(run), "previous": ref_of(run), "revision": row.revision, "changed": False}
@@ -53,8 +55,11 @@ def _move(session: Session, alias: str, run: Run, action: str) -> dict[str, Any]
     session.add(AliasEvent(alias=alias, action=action, run_id=run.id, previous_run_id=previous,
                            revision=row.revision, at=now))
     session.flush()
+    hooks.checkpoint("alias-moved")
     _refresh_status(session, run.id)
     _refresh_status(session, previous)
+    session.flush()
+    hooks.checkpoint("alias-in-transaction")
     return {
         "alias": alias, "ref": ref_of(run), "adapter_digest": run.adapter_digest, "revision": row.revision,
         "previous": ref_of(session.get(Run, previous)) if previous else None, "changed": True,
@@ -69,7 +74,9 @@ def promote(ref: str, alias: str, url: str | Path | None = None) -> dict[str, An
         _check_servable(run)
         return _move(session, alias, run, "promote")
 
-    return write(open_registry(url), work)
+    result = write(open_registry(url), work)
+    hooks.checkpoint("alias-committed")
+    return result
 
 
 def holder_stack(session: Session, alias: str) -> list[int]:
@@ -95,7 +102,9 @@ def rollback(alias: str, url: str | Path | None = None) -> dict[str, Any]:
         _check_servable(target)
         return _move(session, alias, target, "rollback")
 
-    return write(open_registry(url), work)
+    result = write(open_registry(url), work)
+    hooks.checkpoint("alias-committed")
+    return result
 
 
 def _alias_names(session: Session) -> list[str]:

@@ -31,19 +31,12 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from tunesmith.atomic import write_text as atomic_write_text
+from tunesmith.hashing import file_hexdigest
 from tunesmith.registry import hooks
 from tunesmith.registry.errors import ArtifactError
 
-CHUNK = 1 << 20
-
-
 # ------------------------------------------------------------------------------------------- hashing
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+file_sha256 = file_hexdigest  # bare hex: objects are named by it (tunesmith.hashing is the one file hasher)
 
 
 def tree_files(folder: str | Path, suffix: str | None = None) -> list[tuple[str, Path]]:

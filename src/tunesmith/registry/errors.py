@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from tunesmith.errors import UsageError
 
-class RegistryError(RuntimeError):
+
+class RegistryError(UsageError, RuntimeError):
     """A registry problem phrased for a person: which run, alias or URL, and what to do about it."""
 
 

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tunesmith.registry import artifacts as art
-from tunesmith.registry.schema import Alias, Artifact, Run, utcnow
+from tunesmith.registry.schema import Alias, AliasEvent, Artifact, Run, utcnow
 from tunesmith.registry.store import open_registry, read, write
 
 DEFAULT_GRACE_SECONDS = 3600.0
@@ -71,6 +71,22 @@ def _old_staging(store: art.ArtifactStore, now: float, grace_seconds: float) -> 
     return [str(p) for p in tmp.iterdir() if now - p.stat().st_mtime >= grace_seconds]
 
 
+def _alias_problems(session: Session, alias: Alias) -> list[str]:
+    """An alias must point at a run with an adapter, and agree with its own history's last event (a move writes
+    both in one transaction, so a disagreement means a torn write)."""
+    problems = []
+    run = session.get(Run, alias.run_id)
+    if run is None or run.adapter_digest is None:
+        problems.append(f"alias {alias.name}: points at a run without an adapter")
+    last = session.scalars(select(AliasEvent).where(AliasEvent.alias == alias.name)
+                           .order_by(AliasEvent.id.desc())).first()
+    if last is None or (last.run_id, last.revision) != (alias.run_id, alias.revision):
+        seen = f"revision {last.revision} -> run {last.run_id}" if last else "no history"
+        problems.append(f"alias {alias.name}: row says revision {alias.revision} -> run {alias.run_id}, "
+                        f"but its history ends with {seen}")
+    return problems
+
+
 def check(url: str | Path | None = None, deep: bool = False) -> dict[str, Any]:
     """Every artifact row has complete files (and, with `deep`, files that still hash to its digest); every run's
     and alias's references resolve. `problems` empty means consistent; stray objects are not problems."""
@@ -91,9 +107,7 @@ def check(url: str | Path | None = None, deep: bool = False) -> dict[str, Any]:
                 if digest and digest not in rows:
                     problems.append(f"run {run.name}@{run.version}: {field} {digest} has no artifact row")
         for alias in session.scalars(select(Alias)):
-            run = session.get(Run, alias.run_id)
-            if run is None or run.adapter_digest is None:
-                problems.append(f"alias {alias.name}: points at a run without an adapter")
+            problems += _alias_problems(session, alias)
         return {"runs": len(runs), "artifacts": len(rows), "problems": problems, "known": set(rows)}
 
     result = read(registry, work)

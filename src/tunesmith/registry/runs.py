@@ -42,8 +42,13 @@ def _read_json(path: Path) -> Any:
 
 
 def read_run_dir(run_dir: str | Path) -> dict[str, Any]:
-    """Everything a registration records that lives in the run directory (no hashing of the base model)."""
-    root = Path(run_dir).expanduser().resolve()
+    """Everything a registration records that lives in the run directory (no hashing of the base model).
+    `run_dir` may also name the run's adapter/ folder (records.run.RunDir finds the run directory above it)."""
+    from tunesmith.records.run import RunDir
+
+    given = Path(run_dir).expanduser().resolve()
+    found = RunDir.find(given) if given.exists() else None
+    root = found.root if found is not None and found.root is not None else given
     config_file = root / "config.yaml"
     if not config_file.is_file():
         raise RegistryError(f"{config_file}: missing; is {root} a run directory written by `tunesmith train`?")
@@ -145,62 +150,78 @@ def register_run(
     artifacts: str | Path | None = None,
 ) -> dict[str, Any]:
     """Record a run directory as the next version of its name; returns the run's record (see `run_record`) plus
-    `created` (False when this run directory was registered before and its record was updated in place)."""
+    `created` (False when this run directory was registered before and its record was updated in place).
+
+    Files first (content-addressed, idempotent), then one transaction for the rows: see the module docstring."""
     info = read_run_dir(run_dir)
-    name = name or info["name"]
-    status = status or (info["summary"] or {}).get("status") or ("finished" if info["summary"] else "failed")
-    if status not in STATUSES:
-        raise RegistryError(f"status {status!r} is not one of {', '.join(STATUSES)}")
+    info["name"] = name or info["name"]
+    info["status"] = status or (info["summary"] or {}).get("status") or ("finished" if info["summary"] else "failed")
+    if info["status"] not in STATUSES:
+        raise RegistryError(f"status {info['status']!r} is not one of {', '.join(STATUSES)}")
     continued_from = continued_from or info["continued_from"]
+    parents = [(continued_from, "continued_from")] if continued_from else []
+    parents += [(r, "merged_from") for r in merged_from]
     registry = open_registry(url, artifacts)
     base_folder = resolve_base_folder(info["base_model"])
-    base_hash = base_model_hash(base_folder)
+    info["base_model_path"] = str(base_folder) if base_folder else None
+    info["base_model_hash"] = base_model_hash(base_folder)
     adapter = art.put_folder(registry.store, info["adapter_dir"], "adapter") if info["adapter_dir"] else None
     logs = art.put_files(registry.store, info["log_files"], "logs") if info["log_files"] else None
     hooks.checkpoint("artifacts-stored")
-    identity = "sha256:" + hashlib.sha256(
-        json.dumps([info["run_dir"], info["config_yaml"], info["data_hash"], adapter and adapter["digest"]]).encode()
-    ).hexdigest()
 
     def work(session: Session) -> dict[str, Any]:
         now = utcnow()
         for manifest in (adapter, logs):
             if manifest is not None:
                 _touch_artifact(session, registry, manifest, now)
-        run = session.scalars(
-            select(Run).where(Run.name == name, Run.identity == identity).order_by(Run.version.desc())
-        ).first()
-        created = run is None
-        if run is None:
-            latest = session.scalar(select(func.max(Run.version)).where(Run.name == name)) or 0
-            run = Run(name=name, version=latest + 1, status=status, created_at=now, identity=identity,
-                      run_dir=info["run_dir"], config_yaml=info["config_yaml"])
-            session.add(run)
-        elif run.status not in ("promoted", "archived"):
-            run.status = status
-        run.updated_at = now
-        run.method, run.base_model, run.code_version = info["method"], info["base_model"], info["code_version"]
-        run.base_model_path = str(base_folder) if base_folder else None
-        run.base_model_hash = base_hash
-        run.data_hash, run.data_location = info["data_hash"], json.dumps(info["data_location"])
-        run.data_manifest_json = _dump(info["data_manifest"])
-        run.summary_json, run.eval_json = _dump(info["summary"]), _dump(info["eval"])
-        run.adapter_digest = adapter and adapter["digest"]
-        run.logs_digest = logs and logs["digest"]
+        run, created = _upsert_run(session, info, adapter, logs, now)
         session.flush()  # assigns run.id; a (name, version) clash raises here and the whole write is retried
-        parents = [(r, "continued_from") for r in ([continued_from] if continued_from else [])]
-        parents += [(r, "merged_from") for r in merged_from]
-        for ref, relation in parents:
-            parent = find_run(session, ref)
-            if parent.id == run.id:
-                raise RegistryError(f"{name}@{run.version} cannot be its own parent ({relation} {ref})")
-            if session.get(Lineage, (run.id, parent.id, relation)) is None:
-                session.add(Lineage(child_id=run.id, parent_id=parent.id, relation=relation))
+        _link_parents(session, run, parents)
         session.flush()
         hooks.checkpoint("in-transaction")
         return {**run_record(session, run), "created": created}
 
-    return write(registry, work)
+    record = write(registry, work)
+    hooks.checkpoint("registered")
+    return record
+
+
+def _upsert_run(session: Session, info: dict[str, Any], adapter: dict | None, logs: dict | None, now) -> tuple[Run, bool]:
+    """The run row for this run directory: the existing version when the same directory, config, data and adapter
+    were registered before (updated in place), else a new version of its name. Returns (row, created)."""
+    name = info["name"]
+    identity = "sha256:" + hashlib.sha256(
+        json.dumps([info["run_dir"], info["config_yaml"], info["data_hash"], adapter and adapter["digest"]]).encode()
+    ).hexdigest()
+    run = session.scalars(
+        select(Run).where(Run.name == name, Run.identity == identity).order_by(Run.version.desc())
+    ).first()
+    created = run is None
+    if run is None:
+        latest = session.scalar(select(func.max(Run.version)).where(Run.name == name)) or 0
+        run = Run(name=name, version=latest + 1, status=info["status"], created_at=now, identity=identity,
+                  run_dir=info["run_dir"], config_yaml=info["config_yaml"])
+        session.add(run)
+    elif run.status not in ("promoted", "archived"):
+        run.status = info["status"]
+    run.updated_at = now
+    run.method, run.base_model, run.code_version = info["method"], info["base_model"], info["code_version"]
+    run.base_model_path, run.base_model_hash = info["base_model_path"], info["base_model_hash"]
+    run.data_hash, run.data_location = info["data_hash"], json.dumps(info["data_location"])
+    run.data_manifest_json = _dump(info["data_manifest"])
+    run.summary_json, run.eval_json = _dump(info["summary"]), _dump(info["eval"])
+    run.adapter_digest = adapter and adapter["digest"]
+    run.logs_digest = logs and logs["digest"]
+    return run, created
+
+
+def _link_parents(session: Session, run: Run, parents: list[tuple[str, str]]) -> None:
+    for ref, relation in parents:
+        parent = find_run(session, ref)
+        if parent.id == run.id:
+            raise RegistryError(f"{run.name}@{run.version} cannot be its own parent ({relation} {ref})")
+        if session.get(Lineage, (run.id, parent.id, relation)) is None:
+            session.add(Lineage(child_id=run.id, parent_id=parent.id, relation=relation))
 
 
 def _dump(value: Any) -> str | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from tunesmith.errors import UsageError
 from tunesmith.serve.identity import BaseIdentity, BaseMismatch
 
 PREFIX = "base_model.model."
@@ -31,7 +32,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-class AdapterError(ValueError):
+class AdapterError(UsageError):
     """An adapter that cannot be served here, phrased for a person (file, field, what to do)."""
 
 

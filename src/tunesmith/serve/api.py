@@ -194,7 +194,9 @@ def _relay(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, gen: GenReques
 
     A streaming client that stops reading leaves its socket full, so the response stops pulling from `queue` and
     the queue grows; past `backlog` unread events the request is cancelled, which frees its batch row and adapter
-    pin at the engine's next step instead of when max_tokens is reached (and bounds what the queue holds).
+    pin at the engine's next step instead of when max_tokens is reached (and bounds what the queue holds). "Full"
+    means the kernel's send buffer (autotuned up to 4 MiB on Linux; capped by `send_buffer_bytes`) plus uvicorn's
+    64 KiB write buffer: an answer smaller than that is simply generated to the end, and its row freed then.
     """
 
     def on_event(kind: str, payload) -> None:

@@ -143,7 +143,8 @@ class AdapterCache:
 
     def _slot_bytes(self, spec: AdapterSpec | None = None) -> int:
         rank = max(self.rank, spec.rank if spec else 0)
-        modules = {n: (w.in_features, w.out_features) for n, w in self.wrapped.items()}
+        wrapped = dict(self.wrapped)  # one C-level copy under the GIL: other threads (register, /metrics) read it
+        modules = {n: (w.in_features, w.out_features) for n, w in wrapped.items()}
         if spec:
             modules.update({n: (i, o) for n, (_, i, o) in spec.modules.items()})
         return sum(rank * (i + o) for i, o in modules.values()) * torch.finfo(self.dtype).bits // 8

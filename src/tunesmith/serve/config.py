@@ -26,6 +26,9 @@ class ServeConfig(BaseModel):
     max_model_len: int | None = Field(None, gt=0, description="Prompt + completion token limit (default: model's).")
     max_body_bytes: int = Field(1 << 20, gt=0, description="Larger request bodies get 413.")
     max_stream_backlog: int = Field(256, gt=0, description="A streaming client this many chunks behind is cut off.")
+    send_buffer_bytes: int | None = Field(
+        None, gt=0, description="Cap each connection's kernel send buffer (SO_SNDBUF; default: autotuned, up to "
+        "4 MiB on Linux), so a client that stops reading is noticed after that much unread output.")
     allow_base_mismatch: bool = Field(False, description="Serve adapters recorded for another base (logged; experts).")
     aliases: dict[str, dict[str, float]] = Field(default_factory=dict, description="A/B alias -> {variant: weight}.")
     alias_tenants: dict[str, str] = Field(default_factory=dict, description="A/B alias -> owning tenant (else shared).")

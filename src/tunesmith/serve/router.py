@@ -24,10 +24,12 @@ from pathlib import Path
 
 import yaml
 
+from tunesmith.errors import UsageError
+
 OPEN = "*"  # the tenant of every request when no tenants file is given (loopback only)
 
 
-class TenantsError(ValueError):
+class TenantsError(UsageError):
     pass
 
 

@@ -8,6 +8,7 @@ dropped between steps and the new weights load on the next request), so a promot
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from pathlib import Path
 
@@ -146,7 +147,12 @@ def serve(config: ServeConfig, log_fn=print) -> None:
     stop = threading.Event()
     start_registry_refresh(state, config, stop)
     try:
-        uvicorn.run(create_app(state), host=config.host, port=config.port, log_level="warning", access_log=False)
+        settings = uvicorn.Config(create_app(state), host=config.host, port=config.port, log_level="warning",
+                                  access_log=False)
+        sock = settings.bind_socket()
+        if config.send_buffer_bytes:  # accepted connections inherit it from the listening socket (Linux, BSD)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.send_buffer_bytes)
+        uvicorn.Server(settings).run(sockets=[sock])
     finally:
         stop.set()
         state.engine.close()

@@ -68,3 +68,53 @@ def expected_table(base_dir: str | Path, adapters: dict[str, Path], prompts: lis
         for i, prompt in enumerate(prompts):
             table[(name, i)] = peft_greedy(base_dir, path, prompt, max_new_tokens, model=model)
     return table
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], log_path: str | Path, timeout: float = 90.0):
+    """Start `tunesmith serve ARGS --port P` as a subprocess on 127.0.0.1 and wait (bounded) for /health.
+
+    Returns (process, base URL). The caller stops it with stop_server(process).
+    """
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    log = open(log_path, "w")  # noqa: SIM115 - the server writes to it for its whole life
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", *args, "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {Path(log_path).read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"server did not answer /health within {timeout} s")
+
+
+def stop_server(proc) -> None:
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=15)

@@ -10,7 +10,7 @@ A callback is any object with these optional methods (all receive the live `Trai
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 
@@ -18,7 +18,6 @@ from typing import Any, Protocol
 class TrainState:
     step: int = 0  # optimizer steps done
     epoch: float = 0.0
-    micro_step: int = 0  # micro-batches consumed in the current epoch (data position for resume)
     tokens_seen: int = 0  # non-padding tokens fed to the model
     target_tokens_seen: int = 0  # tokens that carried loss
     best_eval_loss: float | None = None
@@ -26,8 +25,7 @@ class TrainState:
     evals_without_improvement: int = 0
     should_stop: bool = False
     stop_reason: str | None = None
-    max_steps: int = 0
-    log: list[dict[str, Any]] = field(default_factory=list)
+    max_steps: int = 0  # optimizer steps this run will take (set by the loop)
 
 
 class Callback(Protocol):

@@ -38,11 +38,13 @@ from typing import Any
 
 import torch
 
+from tunesmith.errors import UsageError
+
 FORMAT = "tunesmith-ewc/1"
 FILE_NAME = "ewc.safetensors"
 
 
-class EwcError(ValueError):
+class EwcError(UsageError):
     """The stored Fisher does not fit the model being trained (names or shapes); says which."""
 
 

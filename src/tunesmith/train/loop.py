@@ -4,13 +4,17 @@ Per optimizer step (global batch = batch_size x gradient_accumulation_steps x pr
     N      = target tokens in the whole global batch (all-reduced over processes)
     loss   = sum over micro-batches and processes of CE_sum(micro-batch) / N
 so the gradient is the token-weighted mean over the global batch, whatever the split into micro-batches and
-processes (DDP averages gradients over processes, hence each process scales its CE_sum by world_size / N).
+processes (DDP, and FSDP's reduce-scatter, average gradients over processes — FSDP as SUM then / world_size on
+every backend, see sharding.py — hence each process scales its CE_sum by world_size / N).
 Schedule: linear warm-up over warmup_ratio of the steps, then cosine (or linear/constant) decay.
 
 Extra loss terms (`LoopContext.loss_terms`, e.g. an EWC penalty): each is a function `term(model) -> (name, value)`
 called once per optimizer step, on the last micro-batch; its value is added to the loss of every process, so the
 gradient is d(mean token CE + sum of terms)/d(theta) (DDP averages the identical term gradients of all processes),
-and the value is logged as `name` beside train_loss in metrics.jsonl.
+and the value is logged as `name` beside train_loss in metrics.jsonl. Refused under FSDP (terms would see shards).
+
+Every process runs the same sequence of forwards and collectives (same number of micro-batches per step, same
+number of evaluation batches), which FSDP needs: each forward all-gathers parameters from every process.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ import torch
 import torch.nn.functional as F
 from transformers import get_scheduler
 
+from tunesmith.atomic import write_text
 from tunesmith.config import TrainConfig
 from tunesmith.data.pack import Pack, collate, epoch_order
 from tunesmith.data.render import IGNORE_INDEX
 from tunesmith.methods.base import Method
 from tunesmith.models.hardware import autocast_dtype
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train import sharding
 from tunesmith.train.callbacks import TrainState, call
 
 
@@ -186,17 +192,24 @@ def all_reduce_sum(accelerator, values: list[float]) -> list[float]:
 
 
 def evaluate_loss(model, ctx: LoopContext, packs: list[Pack]) -> float:
-    """Token-weighted mean loss over `packs`, sharded over processes."""
-    acc = ctx.accelerator
+    """Token-weighted mean loss over `packs`, sharded over processes.
+
+    Every process runs the same number of forwards (a process with fewer packs repeats its first batch and drops
+    the result): under FSDP each forward is a collective (parameter all-gathers), so uneven counts would hang.
+    """
+    acc, size = ctx.accelerator, ctx.config.batch_size
     mine = packs[acc.process_index:: acc.num_processes]
+    n_batches = math.ceil(math.ceil(len(packs) / acc.num_processes) / size)
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(mine), ctx.config.batch_size):
-            batch = collate(mine[start: start + ctx.config.batch_size], ctx.pad_token_id, block_mask=ctx.block_mask)
+        for index in range(n_batches):
+            chunk = mine[index * size: (index + 1) * size]
+            batch = collate(chunk or packs[:1], ctx.pad_token_id, block_mask=ctx.block_mask)
             loss_sum, n = forward_loss(model, ctx.method, batch, ctx.precision, acc.device)
-            total += float(loss_sum)
-            count += n
+            if chunk:
+                total += float(loss_sum)
+                count += n
     model.train()
     total, count = all_reduce_sum(acc, [total, float(count)])
     return total / max(count, 1)
@@ -208,96 +221,171 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """On resume, forget records logged after the checkpoint (they will be logged again)."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= last_step]
-        path.write_text("".join(line + "\n" for line in kept))
+    """On resume, forget records logged after the checkpoint (they will be logged again), and a last line cut
+    short by a kill mid-write."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= last_step:
+            kept.append(line)
+    write_text(path, "".join(line + "\n" for line in kept))
+
+
+@dataclass
+class _Run:
+    """The loop's working set for one call of `train`."""
+
+    model: Any  # as prepared by accelerate (DDP wrapper, or the same object sharded in place by FSDP)
+    unwrapped: Any  # the model callbacks, checkpoints and loss terms see
+    optimizer: Any
+    scheduler: Any
+    plan: StepPlan
+    state: TrainState
+    total_steps: int
+    eval_every: int
+    save_every: int
+    metrics_path: Path
+    sharded: bool
 
 
 def train(model, ctx: LoopContext, train_packs: list[Pack], val_packs: list[Pack], resume: bool = False) -> TrainState:
     """Run the optimisation; returns the final state (best checkpoint loaded when configured)."""
+    run = _setup(model, ctx, len(train_packs), resume)
+    state, acc = run.state, ctx.accelerator
+    if state.step == 0:
+        call(ctx.callbacks, "on_train_begin", state, run.unwrapped, ctx.tokenizer)
+    run.model.train()
+    progress = _Progress(run.total_steps, state.step, enabled=ctx.config.show_progress and acc.is_main_process)
+    window = _Window()
+    while state.step < run.total_steps and not state.should_stop:
+        record, train_loss, lr = _optimizer_step(run, ctx, train_packs, window)
+        if val_packs and (state.step % run.eval_every == 0 or state.step == run.total_steps):
+            _evaluate(run.model, run.unwrapped, ctx, val_packs, state, record)
+        if acc.is_main_process and len(record) > 1:
+            append_metrics(run.metrics_path, record)
+        if state.step % run.save_every == 0 or state.step == run.total_steps or state.should_stop:
+            _save(run, ctx)
+        progress.update(state.step, train_loss, lr, record)
+    progress.close()
+    _load_best(run, ctx)
+    call(ctx.callbacks, "on_train_end", state, run.unwrapped, ctx.tokenizer)
+    return state
+
+
+def _setup(model, ctx: LoopContext, n_packs: int, resume: bool) -> _Run:
+    """Optimizer, schedule, accelerate's `prepare` (DDP or FSDP2) and, with `resume`, the last checkpoint."""
     cfg, acc = ctx.config, ctx.accelerator
-    plan = StepPlan(len(train_packs), cfg.batch_size, cfg.gradient_accumulation_steps, acc.num_processes, cfg.seed)
+    sharded = sharding.is_sharded(acc)
+    sharding.check_supported(acc, ctx.method, ctx.loss_terms)
+    plan = StepPlan(n_packs, cfg.batch_size, cfg.gradient_accumulation_steps, acc.num_processes, cfg.seed)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
     eval_every = cfg.eval_steps or plan.steps_per_epoch
-    save_every = cfg.save_steps or eval_every
-    metrics_path = ctx.run_dir / "metrics.jsonl"
-
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
-    state = TrainState(max_steps=total_steps)
-    unwrapped = model
-    if resume and (dirs := ckpt.checkpoint_dirs(ctx.run_dir)):
-        state = ckpt.restore_state(ckpt.load_checkpoint(dirs[-1], unwrapped, optimizer, scheduler))
-        state.max_steps = total_steps
-        if acc.is_main_process:
-            truncate_metrics(metrics_path, state.step)
-        ctx.log(f"resumed from {dirs[-1]} (step {state.step} of {total_steps})")
-    elif resume:
-        ctx.log("notice: --resume given but no checkpoint found; starting from step 0")
-    model, optimizer = acc.prepare(model, optimizer)
+    run = _Run(model, model, optimizer, scheduler, plan, TrainState(max_steps=total_steps), total_steps, eval_every,
+               cfg.save_steps or eval_every, ctx.run_dir / "metrics.jsonl", sharded)
+    if acc.is_main_process and (leftovers := ckpt.remove_partial(ctx.run_dir)):
+        ctx.log(f"removed {len(leftovers)} partial checkpoint(s) left by an interrupted write: "
+                f"{', '.join(p.name for p in leftovers)}")
+    if not sharded:  # DDP wraps the model: load into the plain model first (sharded states load after sharding)
+        _resume(run, ctx, resume)
+    sharding.set_mixed_precision(acc, ctx.precision)
+    run.model, run.optimizer = acc.prepare(model, optimizer)
+    if sharded:
+        sharding.after_prepare(run.model)
+        ctx.log(sharding.describe(run.model, acc))
+        _resume(run, ctx, resume)
     if plan.repeated_packs and acc.is_main_process:
         ctx.log(f"notice: {plan.repeated_packs} sequence(s) repeat per epoch to fill the last global batch")
+    return run
 
-    if state.step == 0:
-        call(ctx.callbacks, "on_train_begin", state, unwrapped, ctx.tokenizer)
-    model.train()
-    progress = _Progress(total_steps, state.step, enabled=cfg.show_progress and acc.is_main_process)
-    started = time.perf_counter()
-    window_tokens, window_start = 0, time.perf_counter()
-    while state.step < total_steps and not state.should_stop:
-        torch.manual_seed(cfg.seed * 1_000_003 + acc.process_index * 7919 + state.step)  # see checkpoint.py
-        micro = plan.micro_batches(state.step, acc.process_index)
-        micro_packs = [[train_packs[i] for i in indices] for indices in micro]
-        local_targets = sum(count_targets(p) for p in micro_packs)
-        (global_targets,) = all_reduce_sum(acc, [float(local_targets)])
-        loss_total, real_tokens, terms = accumulate_gradients(model, ctx, micro_packs, global_targets, unwrapped)
-        grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = float(acc.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_total, real_tokens_all, targets_all = all_reduce_sum(acc, [loss_total, float(real_tokens), float(local_targets)])
-        state.step += 1
-        state.epoch = state.step / plan.steps_per_epoch
-        state.tokens_seen += int(real_tokens_all)
-        state.target_tokens_seen += int(targets_all)
-        window_tokens += int(real_tokens_all)
-        train_loss = loss_total / max(global_targets, 1.0)
-        record: dict[str, Any] = {"step": state.step}
-        if state.step % cfg.logging_steps == 0 or state.step == total_steps:
-            elapsed = time.perf_counter() - window_start
-            record.update(train_loss=round(train_loss, 6), lr=lr, epoch=round(state.epoch, 4), tokens=state.tokens_seen,
-                          tokens_per_second=round(window_tokens / max(elapsed, 1e-9), 2))
-            if grad_norm is not None:
-                record["grad_norm"] = round(grad_norm, 6)
-            record.update({name: round(value, 6) for name, value in terms.items()})
-            window_tokens, window_start = 0, time.perf_counter()
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"training loss is {train_loss} at step {state.step}; lower train.learning_rate")
-        is_eval = val_packs and (state.step % eval_every == 0 or state.step == total_steps)
-        if is_eval:
-            _evaluate(model, unwrapped, ctx, val_packs, state, record)
-        if acc.is_main_process and len(record) > 1:
-            append_metrics(metrics_path, record)
-        if state.step % save_every == 0 or state.step == total_steps or state.should_stop:
-            if acc.is_main_process:
-                ckpt.save_checkpoint(ctx.run_dir, unwrapped, optimizer, scheduler, state,
-                                     {"total_steps": total_steps, "steps_per_epoch": plan.steps_per_epoch})
-                ckpt.prune_checkpoints(ctx.run_dir, cfg.save_total_limit, state.best_step)
-            acc.wait_for_everyone()
-        progress.update(state.step, train_loss, lr, window_tokens, time.perf_counter() - started, record)
-    progress.close()
-    if cfg.load_best_at_end and state.best_step is not None and state.best_step != state.step:
-        best = ctx.run_dir / "checkpoints" / f"step-{state.best_step}"
-        if best.is_dir():
-            ckpt.load_checkpoint(best, unwrapped)
-            ctx.log(f"loaded the best checkpoint: step {state.best_step} (eval loss {state.best_eval_loss:.4f})")
-    call(ctx.callbacks, "on_train_end", state, unwrapped, ctx.tokenizer)
-    return state
+
+def _resume(run: _Run, ctx: LoopContext, resume: bool) -> None:
+    if not resume:
+        return
+    dirs = ckpt.checkpoint_dirs(ctx.run_dir)
+    if not dirs:
+        ctx.log("notice: --resume given but no complete checkpoint found; starting from step 0")
+        if ctx.accelerator.is_main_process:
+            truncate_metrics(run.metrics_path, 0)
+        return
+    payload = ckpt.load_checkpoint(dirs[-1], run.unwrapped, run.optimizer, run.scheduler, sharded_model=run.sharded)
+    run.state = ckpt.restore_state(payload)
+    run.state.max_steps = run.total_steps
+    if ctx.accelerator.is_main_process:
+        truncate_metrics(run.metrics_path, run.state.step)
+    ctx.log(f"resumed from {dirs[-1]} (step {run.state.step} of {run.total_steps})")
+
+
+class _Window:
+    """Tokens and time since the last logged step (for tokens_per_second)."""
+
+    def __init__(self):
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def take(self) -> float:
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        self.tokens, self.start = 0, time.perf_counter()
+        return rate
+
+
+def _optimizer_step(run: _Run, ctx: LoopContext, train_packs: list[Pack], window: _Window):
+    """One optimizer step over the global batch; returns (metrics record, train loss, learning rate used)."""
+    cfg, acc, state = ctx.config, ctx.accelerator, run.state
+    torch.manual_seed(cfg.seed * 1_000_003 + acc.process_index * 7919 + state.step)  # see checkpoint.py
+    micro_packs = [[train_packs[i] for i in indices] for indices in run.plan.micro_batches(state.step, acc.process_index)]
+    local_targets = sum(count_targets(p) for p in micro_packs)
+    (global_targets,) = all_reduce_sum(acc, [float(local_targets)])
+    loss_total, real_tokens, terms = accumulate_gradients(run.model, ctx, micro_packs, global_targets, run.unwrapped)
+    grad_norm = None
+    if cfg.max_grad_norm is not None:
+        trainable = [p for p in run.model.parameters() if p.requires_grad]
+        grad_norm = sharding.as_float(acc.clip_grad_norm_(trainable, cfg.max_grad_norm))
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_total, real_tokens_all, targets_all = all_reduce_sum(acc, [loss_total, float(real_tokens), float(local_targets)])
+    state.step += 1
+    state.epoch = state.step / run.plan.steps_per_epoch
+    state.tokens_seen += int(real_tokens_all)
+    state.target_tokens_seen += int(targets_all)
+    window.tokens += int(real_tokens_all)
+    train_loss = loss_total / max(global_targets, 1.0)
+    if not math.isfinite(train_loss):
+        raise FloatingPointError(f"training loss is {train_loss} at step {state.step}; lower train.learning_rate")
+    record: dict[str, Any] = {"step": state.step}
+    if state.step % cfg.logging_steps == 0 or state.step == run.total_steps:
+        record.update(train_loss=round(train_loss, 6), lr=lr, epoch=round(state.epoch, 4), tokens=state.tokens_seen,
+                      tokens_per_second=round(window.take(), 2))
+        if grad_norm is not None:
+            record["grad_norm"] = round(grad_norm, 6)
+        record.update({name: round(value, 6) for name, value in terms.items()})
+    return record, train_loss, lr
+
+
+def _save(run: _Run, ctx: LoopContext) -> None:
+    extra = {"total_steps": run.total_steps, "steps_per_epoch": run.plan.steps_per_epoch}
+    ckpt.save_checkpoint(ctx.run_dir, run.unwrapped, run.optimizer, run.scheduler, run.state, extra,
+                         accelerator=ctx.accelerator, sharded=run.sharded)
+    if ctx.accelerator.is_main_process:
+        ckpt.prune_checkpoints(ctx.run_dir, ctx.config.save_total_limit, run.state.best_step)
+    ctx.accelerator.wait_for_everyone()
+
+
+def _load_best(run: _Run, ctx: LoopContext) -> None:
+    state = run.state
+    if not (ctx.config.load_best_at_end and state.best_step is not None and state.best_step != state.step):
+        return
+    best = ctx.run_dir / "checkpoints" / f"step-{state.best_step}"
+    if best.is_dir():
+        ckpt.load_checkpoint(best, run.unwrapped, sharded_model=run.sharded)
+        ctx.log(f"loaded the best checkpoint: step {state.best_step} (eval loss {state.best_eval_loss:.4f})")
 
 
 def accumulate_gradients(model, ctx: LoopContext, micro_packs: list[list[Pack]], global_targets: float,
@@ -360,7 +448,7 @@ class _Progress:
         self.bar.start()
         self.task = self.bar.add_task("train", total=total, completed=done, info="")
 
-    def update(self, step, loss, lr, _tokens, _elapsed, record) -> None:
+    def update(self, step, loss, lr, record) -> None:
         if not self.enabled:
             return
         self.last_tps = record.get("tokens_per_second", self.last_tps)

@@ -2,7 +2,8 @@
 
 It reads only what the other layers already wrote (the registry through `tunesmith.registry`, and the files of a
 run directory: config.yaml, summary.json, metrics.jsonl, eval.json, diagnosis.json, data_manifest.json); it never
-trains or evaluates. Registry actions (promote, rollback, archive) call the same registry functions as the CLI.
+trains or evaluates (it may import registry, records, config and the bottom helpers; never train, serve or
+recipes). Registry actions (promote, rollback, archive) call the same registry functions as the CLI.
 
 Modules:
   sources.py   where runs come from (registry + a runs folder), safe run-dir lookup, metrics.jsonl series

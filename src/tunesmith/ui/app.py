@@ -22,6 +22,8 @@ registry.runs.set_archived), so the alias history records a UI promote exactly a
 from __future__ import annotations
 
 import hmac
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,25 @@ class ArchiveBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ref: str = Field(..., min_length=1, max_length=300)
     restore: bool = False
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities (a diverged run writes them) as the strings "NaN", "Infinity", "-Infinity": strict JSON
+    cannot carry them, and the page shows them as written."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+class FiniteJSONResponse(JSONResponse):
+    """Run data goes out through this (FastAPI's own encoder would turn NaN into null, hiding a divergence)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(_finite(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
 def _static_files() -> dict[str, Path]:
@@ -125,37 +146,39 @@ def create_app(catalog: Catalog, admin_key: str | None = None, require_key_for_r
         return FileResponse(path, media_type=MEDIA_TYPES[path.suffix])
 
     @app.get("/api/info")
-    def info() -> dict[str, Any]:
+    def info(request: Request) -> dict[str, Any]:
+        if require_key_for_reads and not key_ok(request):
+            return {"admin": True, "key_required_for_reads": True}  # nothing about the machine before the key
         return {"registry": str(catalog.registry_url or "default ($TUNESMITH_REGISTRY or runs/registry.db)"),
                 "runs_dir": str(catalog.runs_dir) if catalog.runs_dir else None, "admin": admin_key is not None,
                 "key_required_for_reads": require_key_for_reads}
 
     @app.get("/api/runs")
-    def runs() -> dict[str, Any]:
-        return views.runs_table(catalog)
+    def runs() -> Response:
+        return FiniteJSONResponse(views.runs_table(catalog))
 
     @app.get("/api/run")
-    def run(id: str) -> dict[str, Any]:
+    def run(id: str) -> Response:
         view = catalog.get(id)
-        return {**views.run_row(catalog, view), "config": view.config, "summary": view.summary,
-                "diagnosis": catalog.diagnosis(view), "eval": views.compact_eval(view.eval),
-                "run_dir": str(view.run_dir) if view.run_dir else None}
+        return FiniteJSONResponse({**views.run_row(catalog, view), "config": view.config, "summary": view.summary,
+                                   "diagnosis": catalog.diagnosis(view), "eval": views.compact_eval(view.eval),
+                                   "run_dir": str(view.run_dir) if view.run_dir else None})
 
     @app.get("/api/curves")
-    def curves(id: str, x: str = "step") -> dict[str, Any]:
-        return views.curves(catalog, catalog.get(id), x)
+    def curves(id: str, x: str = "step") -> Response:
+        return FiniteJSONResponse(views.curves(catalog, catalog.get(id), x))
 
     @app.get("/api/compare")
-    def compare(id: list[str] = Query(default=[]), x: str = "step") -> dict[str, Any]:  # noqa: B008
-        return views.compare(catalog, id, x)
+    def compare(id: list[str] = Query(default=[]), x: str = "step") -> Response:  # noqa: B008
+        return FiniteJSONResponse(views.compare(catalog, id, x))
 
     @app.get("/api/examples")
-    def examples(a: str, b: str, split: str | None = None, limit: int = Query(200, ge=1, le=5000)) -> dict[str, Any]:
-        return views.examples(catalog, a, b, split, limit)
+    def examples(a: str, b: str, split: str | None = None, limit: int = Query(200, ge=1, le=5000)) -> Response:
+        return FiniteJSONResponse(views.examples(catalog, a, b, split, limit))
 
     @app.get("/api/data")
-    def data(id: str) -> dict[str, Any]:
-        return views.data_report(catalog.get(id))
+    def data(id: str) -> Response:
+        return FiniteJSONResponse(views.data_report(catalog.get(id)))
 
     @app.get("/api/aliases")
     def aliases() -> dict[str, Any]:

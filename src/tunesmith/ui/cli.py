@@ -18,7 +18,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def add_ui(sub) -> None:
-    p = sub.add_parser("ui", help="local web dashboard: compare runs, examples that differ, data report, promote")
+    p = sub.add_parser("ui", help="local web dashboard: compare runs, examples that differ, data report, promote",
+                       epilog="example:\n  tunesmith ui --runs runs --port 8080",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--registry", default=None, metavar="URL",
                    help="SQLAlchemy URL or path (default: $TUNESMITH_REGISTRY, else runs/registry.db)")
     p.add_argument("--runs", default="runs", metavar="DIR", help="folder of run directories, shown live (default runs)")

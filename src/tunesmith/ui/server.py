@@ -2,7 +2,8 @@
 
 Loopback (127.0.0.1, ::1, localhost) is the default. Binding anywhere else exposes run data to the network, so it
 needs an admin key, and then every /api request must carry it. On loopback the server also checks the Host
-header (DNS-rebinding guard), so only http://127.0.0.1:PORT and http://localhost:PORT reach it.
+header (DNS-rebinding guard), so only http://127.0.0.1:PORT and http://localhost:PORT reach it. The server speaks
+plain HTTP: across a network, put it behind a TLS proxy, or the key travels in clear text.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import ipaddress
 import sys
 from pathlib import Path
 
+from tunesmith.errors import UsageError
 from tunesmith.ui.sources import Catalog
 
 LOOPBACK_NAMES = ("localhost",)
 MIN_KEY_CHARS = 8
 
 
-class UIConfigError(ValueError):
+class UIConfigError(UsageError):
     """A bad `tunesmith ui` flag, phrased for a person (cli.main prints it as `error: ...`)."""
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tunesmith.records.data import COUNT_ROWS, DataManifest
+from tunesmith.records.eval import EvalReport
+from tunesmith.records.run import RunSummary
 from tunesmith.registry.compare import IGNORED_CONFIG_KEYS, flatten
 from tunesmith.ui.sources import Catalog, RunView, UIError, xy_series
 
@@ -17,21 +20,29 @@ CURVES = ("train_loss", "eval_loss", "lr")
 FORGETTING_KEYS = ("kl_drift", "probe_accuracy", "base_probe_accuracy", "probe_retention")
 
 
-def _tuned_metrics(view: RunView) -> dict[str, dict[str, Any]]:
-    """{split: {metric: value}} of the tuned model: eval.json first, else the compact copy in summary.json."""
-    models = (view.eval or {}).get("models") or {}
-    if isinstance(models.get("tuned"), dict):
-        return {s: dict(r.get("metrics") or {}) for s, r in models["tuned"].items() if isinstance(r, dict)}
-    compact = ((view.summary or {}).get("eval") or {}).get("tuned") or {}
+def _summary(view: RunView) -> RunSummary:
+    return RunSummary.from_dict(view.summary) if isinstance(view.summary, dict) else RunSummary()
+
+
+def _eval(view: RunView) -> EvalReport:
+    return EvalReport.from_dict(view.eval) if isinstance(view.eval, dict) else EvalReport()
+
+
+def _model_metrics(view: RunView, label: str) -> dict[str, dict[str, Any]]:
+    """{split: {metric: value}} of the base or tuned model: eval.json first, else the compact copy in summary.json."""
+    results = _eval(view).models.get(label)
+    if isinstance(results, dict) and results:
+        return {s: dict(r.get("metrics") or {}) for s, r in results.items() if isinstance(r, dict)}
+    compact = (_summary(view).eval or {}).get(label) or {}
     return {s: dict(m) for s, m in compact.items() if isinstance(m, dict)}
+
+
+def _tuned_metrics(view: RunView) -> dict[str, dict[str, Any]]:
+    return _model_metrics(view, "tuned")
 
 
 def _base_metrics(view: RunView) -> dict[str, dict[str, Any]]:
-    models = (view.eval or {}).get("models") or {}
-    if isinstance(models.get("base"), dict):
-        return {s: dict(r.get("metrics") or {}) for s, r in models["base"].items() if isinstance(r, dict)}
-    compact = ((view.summary or {}).get("eval") or {}).get("base") or {}
-    return {s: dict(m) for s, m in compact.items() if isinstance(m, dict)}
+    return _model_metrics(view, "base")
 
 
 def compact_eval(evaluated: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -47,15 +58,15 @@ def compact_eval(evaluated: dict[str, Any] | None) -> dict[str, Any] | None:
 
 # -------------------------------------------------------------------------------------------------- runs
 def run_row(catalog: Catalog, view: RunView) -> dict[str, Any]:
-    summary = view.summary or {}
+    summary = _summary(view) if view.summary else None
     records = catalog.metrics(view) if view.run_dir is not None or view.logs_digest else []
     last_step = max((r["step"] for r in records if isinstance(r.get("step"), (int, float))), default=None)
     train_xs, train_ys = xy_series(records, "train_loss")
     eval_xs, eval_ys = xy_series(records, "eval_loss")
-    headline: dict[str, Any] = {
-        "step": summary.get("steps", last_step),
-        "train_loss": train_ys[-1] if train_ys else summary.get("final_train_loss"),
-        "best_eval_loss": summary.get("best_eval_loss", min(eval_ys) if eval_ys else None),
+    headline: dict[str, Any] = {  # a finished run's summary.json; a live run's metrics.jsonl so far
+        "step": summary.steps if summary else last_step,
+        "train_loss": train_ys[-1] if train_ys else (summary.final_train_loss if summary else None),
+        "best_eval_loss": summary.best_eval_loss if summary else (min(eval_ys) if eval_ys else None),
     }
     for split, metrics in _tuned_metrics(view).items():
         for metric, value in metrics.items():
@@ -128,7 +139,7 @@ def forgetting_rows(catalog: Catalog, views: list[RunView]) -> list[dict[str, An
     rows = []
     for view in views:
         measures: dict[str, Any] = {}
-        f = (view.eval or {}).get("forgetting")
+        f = _eval(view).forgetting
         if isinstance(f, dict):
             acc, ppl = f.get("probe_accuracy") or {}, f.get("perplexity") or {}
             measures.update({"kl_drift": f.get("kl_drift"), "probe_accuracy.base": acc.get("base"),
@@ -165,7 +176,7 @@ def compare(catalog: Catalog, ids: list[str], x: str = "step") -> dict[str, Any]
 
 # ------------------------------------------------------------------------------------------- examples
 def _examples(view: RunView, split: str) -> list[dict[str, Any]]:
-    result = (((view.eval or {}).get("models") or {}).get("tuned") or {}).get(split)
+    result = (_eval(view).models.get("tuned") or {}).get(split)
     if not isinstance(result, dict) or not isinstance(result.get("examples"), list):
         raise UIError(404, f"{view.id}: eval.json has no per-example outputs for split {split!r} (run "
                            f"`tunesmith eval` on it, or configure data.test before training)")
@@ -173,7 +184,7 @@ def _examples(view: RunView, split: str) -> list[dict[str, Any]]:
 
 
 def _splits(view: RunView) -> list[str]:
-    tuned = ((view.eval or {}).get("models") or {}).get("tuned") or {}
+    tuned = _eval(view).models.get("tuned") or {}
     return [s for s, r in tuned.items() if isinstance(r, dict) and isinstance(r.get("examples"), list)]
 
 
@@ -205,15 +216,26 @@ def examples(catalog: Catalog, id_a: str, id_b: str, split: str | None = None, l
                               "b": {"prediction": other.get("prediction"), "scores": other.get("scores")}})
     if common == 0:
         raise UIError(409, f"{a.id} and {b.id} share no test item on split {split!r}: not the same test set")
-    hashes = [((v.eval or {}).get("data") or {}).get(split, {}).get("hash") for v in (a, b)]
+    hashes = [(_eval(v).data.get(split) or {}).get("hash") for v in (a, b)]
     return {"a": a.id, "b": b.id, "split": split, "splits": common_splits, "n_a": len(ex_a), "n_b": len(ex_b),
             "common": common, "differing_count": len(differing), "differing": differing[:limit],
             "shown": min(limit, len(differing)), "data_hashes": hashes}
 
 
 # ----------------------------------------------------------------------------------------------- data
-COUNT_ROWS = ("input", "kept", "quarantined", "duplicates_exact", "duplicates_near", "trimmed", "pii_dropped",
-              "leakage_removed")
+MIXTURE_COLUMNS = ("origin", "available", "weight", "drawn", "repeats", "unused", "realised_share")
+
+
+def _mixture(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The realised task mixture of a multi-task run (recipes/multitask.py adds it to data_manifest.json)."""
+    mixture = manifest.get("mixture")
+    if not isinstance(mixture, dict) or not mixture:
+        return None
+    tasks = mixture.get("tasks") if isinstance(mixture.get("tasks"), dict) else {}
+    return {"total": mixture.get("total"), "seed": mixture.get("seed"), "sampling": mixture.get("sampling"),
+            "columns": list(MIXTURE_COLUMNS),
+            "tasks": [{"task": name, **{c: (row or {}).get(c) for c in MIXTURE_COLUMNS}} for name, row in tasks.items()],
+            "replayed_from": mixture.get("replayed_from") or {}}
 
 
 def data_report(view: RunView) -> dict[str, Any]:
@@ -223,26 +245,31 @@ def data_report(view: RunView) -> dict[str, Any]:
     manifest = view.manifest
     if not isinstance(manifest, dict):
         raise UIError(404, f"{view.id}: no data_manifest.json recorded")
-    prepared = manifest.get("prepare") if isinstance(manifest.get("prepare"), dict) else None
-    if prepared is None and "identity" in manifest and "kept" in manifest:
-        prepared = manifest  # a `tunesmith data prepare` manifest itself
+    raw = manifest.get("prepare") if isinstance(manifest.get("prepare"), dict) else None
+    if raw is None and "identity" in manifest and "kept" in manifest:
+        raw = manifest  # a `tunesmith data prepare` manifest itself
     out: dict[str, Any] = {
         "id": view.id, "hash": manifest.get("hash"), "files": manifest.get("files") or [],
         "records": {k: manifest.get(k) for k in ("train_records", "validation_records", "validation_held_out_from_train")
                     if k in manifest},
-        "sequences": manifest.get("sequences"), "render": manifest.get("render"), "prepared": prepared is not None,
-        "mixture": next((manifest[k] for k in ("mixture", "mixing", "tasks") if manifest.get(k)), None),
+        "sequences": manifest.get("sequences"), "render": manifest.get("render"), "prepared": raw is not None,
+        "mixture": _mixture(manifest),
     }
-    if prepared is not None:
-        diversity = prepared.get("diversity") or {}
+    if raw is not None:
+        try:
+            prepared = DataManifest.from_dict(raw)
+        except (TypeError, ValueError) as exc:
+            raise UIError(500, f"{view.id}: the prepare section of data_manifest.json does not read as a data "
+                               f"manifest ({exc})") from exc
+        diversity = prepared.diversity or {}
         out.update({
-            "counts": [{"count": k, "records": prepared.get(k)} for k in COUNT_ROWS if k in prepared],
-            "identity": prepared.get("identity"), "quarantine_reasons": prepared.get("quarantine_reasons") or {},
-            "lengths": prepared.get("lengths"), "pii": prepared.get("pii") or {}, "pii_mode": prepared.get("pii_mode"),
+            "counts": [{"count": k, "records": getattr(prepared, k)} for k in COUNT_ROWS],
+            "identity": prepared.identity or prepared.count_identity(),
+            "quarantine_reasons": prepared.quarantine_reasons, "lengths": prepared.lengths, "pii": prepared.pii,
+            "pii_mode": prepared.pii_mode,
             "clusters": {k: diversity.get(k) for k in ("embedder", "clusters", "sizes", "largest_share", "near_empty",
                                                        "examples")},
-            "leakage_pairs": len((prepared.get("leakage") or {}).get("pairs") or []),
-            "splits": {k: {"count": s.get("count"), "hash": s.get("hash")}
-                       for k, s in (prepared.get("splits") or {}).items() if isinstance(s, dict)},
+            "leakage_pairs": len(prepared.leakage.get("pairs") or []),
+            "splits": {name: {"count": split.count, "hash": split.hash} for name, split in prepared.splits.items()},
         })
     return out

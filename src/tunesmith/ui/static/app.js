@@ -53,7 +53,18 @@ function qs(params) {
   return search.toString();
 }
 
+const tickets = {};
+async function latest(name, promise) {
+  // Only the newest request of each kind may draw: an older answer arriving late is dropped.
+  const ticket = (tickets[name] = (tickets[name] || 0) + 1);
+  const value = await promise;
+  return ticket === tickets[name] ? value : null;
+}
+
 function fillSelect(select, options, keep, defaultIndex) {
+  const signature = JSON.stringify(options);
+  if (select.dataset.options === signature) return;  // unchanged: leave the DOM (and an open dropdown) alone
+  select.dataset.options = signature;
   const current = keep ? select.value : null;
   select.replaceChildren(...options.map(([value, label]) => el("option", { value }, label)));
   if (current && options.some(([v]) => v === current)) select.value = current;
@@ -76,6 +87,7 @@ function compareValues(a, b) {
   if (a === null || a === undefined || a === "") return 1;
   if (b === null || b === undefined || b === "") return -1;
   if (typeof a === "number" && typeof b === "number") return a - b;
+  if (typeof a === "number" || typeof b === "number") return typeof a === "number" ? -1 : 1;  // numbers first
   return String(a).localeCompare(String(b), undefined, { numeric: true });
 }
 
@@ -101,7 +113,11 @@ function renderRuns() {
 }
 
 async function loadRuns() {
-  const data = await api("/api/runs");
+  const data = await latest("runs", api("/api/runs"));
+  if (!data) return null;
+  const signature = JSON.stringify(data);
+  if (signature === state.runsSignature) return data;  // a poll that found nothing new redraws nothing
+  state.runsSignature = signature;
   state.runs = data.runs;
   state.columns = data.metric_columns;
   renderRuns();
@@ -132,6 +148,7 @@ function drawChart(target, name, seriesList, yLabel, logY) {
   node.dataset.labels = JSON.stringify(drawn.map((s) => s.label));
   if (!drawn.length) { node.append(el("p", { class: "muted" }, "no points to draw")); return; }
   const positive = drawn.every((s) => s.y.every((v) => v > 0));
+  if (logY && !positive) say("log y needs positive values: drawn on a linear axis");
   const opts = {
     width: Math.min(1000, Math.max(600, node.parentElement.clientWidth - 40)), height: 300,
     scales: { x: { time: false }, y: logY && positive ? { distr: 3 } : {} },
@@ -187,7 +204,9 @@ function renderCompare() {
 async function loadCompare() {
   if (state.compareIds.length < 2) { say("select two or more runs in the Runs view, then Compare selected"); return; }
   const x = document.getElementById("x-axis").value;
-  state.compare = await api("/api/compare?" + qs([...state.compareIds.map((id) => ["id", id]), ["x", x]]));
+  const data = await latest("compare", api("/api/compare?" + qs([...state.compareIds.map((id) => ["id", id]), ["x", x]])));
+  if (!data) return;
+  state.compare = data;
   renderCompare();
 }
 
@@ -203,7 +222,8 @@ async function loadExamples(split) {
   if (!a || !b || a === b) { say("choose two different runs"); return; }
   const params = [["a", a], ["b", b]];
   if (split) params.push(["split", split]);
-  const data = await api("/api/examples?" + qs(params));
+  const data = await latest("examples", api("/api/examples?" + qs(params)));
+  if (!data) return;
   fillSelect(document.getElementById("ex-split"), data.splits.map((s) => [s, s]), false);
   document.getElementById("ex-split").value = data.split;
   document.getElementById("ex-summary").textContent =
@@ -234,7 +254,8 @@ function barChart(node, name, xs, ys, label) {
 async function loadData() {
   const id = document.getElementById("data-run").value;
   if (!id) return;
-  const d = await api("/api/data?" + qs([["id", id]]));
+  const d = await latest("data", api("/api/data?" + qs([["id", id]])));
+  if (!d) return;
   const body = document.getElementById("data-body");
   const parts = [el("p", {}, `snapshot hash ${d.hash || "-"}`)];
   parts.push(el("h2", {}, "Files"), kvTable(d.files.map((f) => [f.path || f, f.split || "", f.records ?? ""]), ["file", "split", "records"]));
@@ -243,7 +264,14 @@ async function loadData() {
     const cols = [...new Set(Object.values(d.render).flatMap((r) => Object.keys(r).filter((k) => !Array.isArray(r[k]))))];
     parts.push(el("h2", {}, "Rendering (truncation)"), kvTable(Object.entries(d.render).map(([s, r]) => [s, ...cols.map((c) => r[c])]), ["split", ...cols]));
   }
-  if (d.mixture) parts.push(el("h2", {}, "Realised mixture"), kvTable(Object.entries(d.mixture).map(([k, v]) => [k, v])));
+  if (d.mixture) {
+    parts.push(el("h2", {}, `Realised mixture (${fmt(d.mixture.total)} records, seed ${fmt(d.mixture.seed)})`),
+      kvTable(d.mixture.tasks.map((t) => [t.task, ...d.mixture.columns.map((c) => t[c])]), ["task", ...d.mixture.columns]),
+      el("p", { class: "muted" }, `sampling: ${fmt(d.mixture.sampling)}`));
+    if (Object.keys(d.mixture.replayed_from).length) {
+      parts.push(kvTable(Object.entries(d.mixture.replayed_from), ["replayed from", "records"]));
+    }
+  }
   if (!d.prepared) {
     parts.push(el("p", { class: "muted" }, "this run did not prepare its data (data.prepare: false): no quarantine, PII or cluster report"));
   } else {
@@ -311,10 +339,17 @@ async function show(view) {
   } catch (err) { say(err.message); }
 }
 
-function route() { show((location.hash || "#runs").slice(1).split("?")[0] || "runs"); }
+function route() {
+  // #view or #compare?id=A&id=B (a comparison is a link that can be kept or shared)
+  const [view, query] = (location.hash || "#runs").slice(1).split("?");
+  const ids = new URLSearchParams(query || "").getAll("id");
+  if (view === "compare" && ids.length) state.compareIds = ids;
+  show(view || "runs");
+}
 
 async function poll() {
   // Live runs: metrics.jsonl grows while they train; re-read the table, and the curves of a live comparison.
+  if (document.hidden) return;
   try {
     if (state.view === "runs" || state.runs.some((r) => r.live)) await loadRuns();
     if (state.view === "compare" && state.compare && state.compare.runs.some((r) => r.live)) await loadCompare();
@@ -327,8 +362,7 @@ document.addEventListener("DOMContentLoaded", () => {
   keyInput.addEventListener("input", () => sessionStorage.setItem("tunesmith-admin-key", keyInput.value));
   document.getElementById("filter").addEventListener("input", (e) => { state.filter = e.target.value; renderRuns(); });
   document.getElementById("compare-selected").addEventListener("click", () => {
-    state.compareIds = [...state.selected];
-    location.hash = "#compare";
+    location.hash = "#compare?" + qs([...state.selected].map((id) => ["id", id]));
   });
   document.getElementById("examples-selected").addEventListener("click", () => {
     const [a, b] = [...state.selected];

@@ -1,0 +1,55 @@
+"""bench/memory_accuracy.py: the error is computed from the measured peak and the planner's total for the same
+config; the --quick path runs `tunesmith train` end to end and reports the JSON keys."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "memory_accuracy.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("memory_accuracy", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_error_comes_from_the_measured_peak(tmp_path, monkeypatch):
+    bench = _bench()
+    from transformers import AutoTokenizer
+
+    from tunesmith.models.tiny import save_tiny_model
+
+    model = str(save_tiny_model(tmp_path / "tiny"))
+    data = bench.make_data(AutoTokenizer.from_pretrained(model), 128, 4, tmp_path / "d.jsonl")
+    measured = {"returncode": 0, "peak_rss_bytes": 700 * 2**20, "seconds": 1.0, "tail": []}
+    monkeypatch.setattr(bench, "run_train", lambda path, threads: dict(measured))
+    monkeypatch.setattr(bench, "labelled_share", lambda run_dir: 0.3)
+    case = {"model": model, "method": "lora", "seq_len": 128, "batch_size": 2, "ckpt": False, "steps": 2, "data": data}
+    row = bench.run_case(case, tmp_path, 2, lambda msg: None)
+    predicted = bench.predict(tmp_path / f"{row['case']}.yaml", 0.3)["predicted_bytes"]
+    assert row["predicted_bytes"] == predicted
+    assert row["relative_error"] == round((predicted - 700 * 2**20) / (700 * 2**20), 4)
+    measured["peak_rss_bytes"] = 350 * 2**20  # a different measurement gives a different error: nothing is constant
+    assert bench.run_case(case, tmp_path, 2, lambda msg: None)["relative_error"] != row["relative_error"]
+    # Every example fills max_seq_len, and truncation leaves labelled tokens in each.
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    assert len(rows) == 4 and all(r["messages"][1]["role"] == "assistant" for r in rows)
+
+
+@pytest.mark.slow
+def test_quick_runs_tunesmith_train_and_reports(tmp_path, capsys):
+    bench = _bench()
+    assert bench.main(["--quick", "--json", "--steps", "2", "--work", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"model", "calibration", "cases", "summary", "protocol"} <= set(report)
+    row = report["cases"][0]
+    assert {"predicted_bytes", "peak_rss_bytes", "relative_error", "labelled_share", "seconds"} <= set(row)
+    assert row["relative_error"] == round((row["predicted_bytes"] - row["peak_rss_bytes"]) / row["peak_rss_bytes"], 4)
+    assert 0 < row["labelled_share"] < 1
+    assert report["summary"]["worst_relative_error"] == row["relative_error"]
