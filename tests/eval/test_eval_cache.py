@@ -49,8 +49,11 @@ def run(model, tokenizer, convs, **kw):
 def test_second_evaluation_is_a_hit_with_the_same_result(tiny, calls):
     model, tokenizer = tiny
     seen = []
-    first = run(model, tokenizer, conversations(), progress=lambda done, total: seen.append((done, total)))
-    assert first["cache"]["hit"] is False and seen == [(2, 3), (3, 3)]
+    first = run(model, tokenizer, conversations(), progress=lambda *a: seen.append(a))
+    assert first["cache"]["hit"] is False
+    # a call per decoding step (token 1..4 of each batch), then one per finished batch
+    assert [a for a in seen if a[2] is None] == [(2, 3, None, 4), (3, 3, None, 4)]
+    assert (0, 3, 1, 4) in seen and (2, 3, 1, 4) in seen and all(a[2] <= 4 for a in seen if a[2] is not None)
     second = run(model, tokenizer, conversations(), batch_size=3)  # batch size is not part of the key
     assert second["cache"]["hit"] is True and len(calls) == 1
     assert second["cache"]["key"] == first["cache"]["key"]
@@ -96,3 +99,18 @@ def test_corrupt_entry_is_recomputed_and_disabled_cache_writes_nothing(tiny, cal
     off = run(model, tokenizer, conversations(n=2))
     assert off["cache"] == {"hit": False, "key": None, "path": None} and len(calls) == 3
     assert len(list((tmp_path / "cache" / "evals").glob("*.json"))) == 1
+
+
+def test_progress_printer_throttles_and_reports_the_end(monkeypatch):
+    lines = []
+    clock = iter([1.0, 12.0, 13.0, 30.0, 31.0])
+    monkeypatch.setattr(cache.time, "perf_counter", lambda: next(clock))
+    report = cache.progress_printer(lines.append, "base test", 0.0)  # started at 0
+    report(0, 4, 1, 96)   # 1 s: too soon
+    report(0, 4, 50, 96)  # 12 s: printed
+    report(2, 4, None, 96)  # 13 s: too soon
+    report(2, 4, 10, 96)  # 30 s: printed
+    report(4, 4, None, 96)  # the end: printed
+    assert lines == ["  base test: 0/4 examples done, current batch at token 50/96, 12 s",
+                     "  base test: 2/4 examples done, current batch at token 10/96, 30 s",
+                     "  base test: 4/4 examples done, 31 s"]

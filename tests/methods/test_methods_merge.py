@@ -57,7 +57,8 @@ def test_lora_merge_equals_unmerged_and_refuses_a_second_merge(tiny_model_dir, t
 
 
 def test_qlora_merges_after_dequantizing_and_reports_the_difference(tiny_model_dir, tmp_path):
-    adapter = trained_adapter("qlora", tiny_model_dir, tmp_path / "adapter", LORA)
+    # fp32 compute, so the unmerged reference is not itself rounded to bf16 ('auto' picks bf16 on AMX CPUs).
+    adapter = trained_adapter("qlora", tiny_model_dir, tmp_path / "adapter", {**LORA, "quant": {"compute_dtype": "float32"}})
     report = merge_run(adapter, tmp_path / "merged", log=lambda _: None)
     assert report["merged"] and report["compared_to"] == "quantized base + adapter"
     # Dequantizing NF4 to fp32 is exact (each weight is code[i] * absmax), so merged == quantized + adapter up to

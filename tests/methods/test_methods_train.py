@@ -39,7 +39,7 @@ def config_for(name, run_name, tiny_model_dir, data_dir, tmp_path):
         f"model.name_or_path={tiny_model_dir}", f"data.train=[{data_dir / 'train.jsonl'}]",
         f"data.validation=[{data_dir / 'validation.jsonl'}]", f"data.test=[{data_dir / 'test.jsonl'}]",
         "data.max_seq_len=64", "train.batch_size=4", "train.max_steps=4", "train.eval_steps=1",
-        "train.save_steps=3", "train.warmup_ratio=0", "train.show_progress=false", "eval.max_new_tokens=4",
+        "train.save_steps=3", "train.warmup_ratio=0", "train.show_progress=false", "train.precision=fp32", "eval.max_new_tokens=4",
         "eval.metrics=[exact_match]", f"method.name={name}", f"output.dir={tmp_path / 'runs'}",
         f"output.name={run_name}", "output.register_run=false", *OPTIONS[name],
     ])

@@ -25,6 +25,8 @@ def make_config(tmp_path, tiny_model_dir, small_data):
             "train.batch_size=4", "train.max_steps=6", "train.learning_rate=1e-2", "train.show_progress=false",
             "method.lora.r=4", "method.lora.dropout=0.0", f"output.dir={tmp_path / 'runs'}", f"output.name={name}",
             "output.register_run=false",
+            # Exact comparisons below hold in fp32; 'auto' would pick bf16 on CPUs with native bf16 (AMX).
+            "train.precision=fp32",
         ]
         return load_config(None, base + list(overrides))
 

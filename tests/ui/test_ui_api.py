@@ -200,7 +200,10 @@ def test_registry_actions_land_in_the_alias_history_like_the_cli(admin_setup, ca
                       headers={"Authorization": "Bearer wrong-key-123"})
     assert bad.status_code == 401
     auth = {"Authorization": f"Bearer {KEY}"}
+    table = lambda: {r["id"]: r for r in client.get("/api/runs").json()["runs"]}  # noqa: E731
+    assert table()["alpha@1"]["aliases"] == []  # read (and cached) before the promote
     assert client.post("/api/admin/promote", json={"ref": "alpha@1", "alias": "production"}, headers=auth).json()["ref"] == "alpha@1"
+    assert (table()["alpha@1"]["aliases"], table()["alpha@1"]["status"]) == (["production"], "promoted")
     assert client.post("/api/admin/promote", json={"ref": "beta@1", "alias": "production"}, headers=auth).status_code == 200
     # the same step through the CLI, then a UI rollback: one history, in order
     cli_json(capsys, "runs", "promote", "alpha@1", "--alias", "staging", "--registry", url, "--json")
@@ -212,6 +215,7 @@ def test_registry_actions_land_in_the_alias_history_like_the_cli(admin_setup, ca
     refused = client.post("/api/admin/archive", json={"ref": "alpha@1"}, headers=auth)
     assert refused.status_code == 409 and "serves alias" in refused.json()["error"]
     assert client.post("/api/admin/archive", json={"ref": "beta@1"}, headers=auth).json()["status"] == "archived"
+    assert table()["beta@1"]["status"] == "archived"
     listed = cli_json(capsys, "runs", "list", "--registry", url, "--json")
     assert "beta@1" not in [r["ref"] for r in listed]
 
@@ -314,6 +318,10 @@ def test_tunesmith_ui_starts_and_prints_its_address(fake_registry, tmp_path, cap
         env=env, cwd=tmp_path)
     try:
         line = process.stdout.readline()
+        for _ in range(20):  # libraries may log a line first (e.g. bitsandbytes on some CPUs)
+            if "http://" in line or not line:
+                break
+            line = process.stdout.readline()
         assert f"http://127.0.0.1:{port}/" in line and "registry actions off" in line
         for _ in range(100):
             try:
@@ -347,3 +355,21 @@ def test_a_diverged_run_with_nan_and_inf_still_renders(tmp_path):
 def _last_finite(run) -> float:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["train_loss"] for r in rows if isinstance(r["train_loss"], float) and abs(r["train_loss"]) < 1e9][-1]
+
+
+def test_examples_with_equal_outputs_but_different_scores_count_as_differing(tmp_path):
+    """Same prediction, different score (e.g. a metric option changed between evaluations): shown too."""
+    from tests.ui.conftest import write_run
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    write_run(runs, "one", 1e-4, ["12", "7", "30"])
+    other = write_run(runs, "two", 1e-4, ["12", "7", "30"])
+    evaluated = json.loads((other / "eval.json").read_text())
+    evaluated["models"]["tuned"]["test"]["examples"][2]["scores"]["exact_match"] = 0.5
+    (other / "eval.json").write_text(json.dumps(evaluated))
+    client = TestClient(create_app(Catalog(str(tmp_path / "registry.db"), runs)))
+    body = client.get("/api/examples", params={"a": "dir:one", "b": "dir:two", "split": "test"}).json()
+    assert body["differing_count"] == 1 and body["differing"][0]["reference"] == "30"
+    assert body["differing"][0]["a"]["prediction"] == body["differing"][0]["b"]["prediction"] == "30"
+    assert client.get("/api/examples", params={"a": "dir:one", "b": "dir:two", "split": "dev"}).status_code == 404

@@ -139,10 +139,20 @@ def evaluate_task_cached(model, tokenizer, conversations, metrics: list[str], ma
     return result
 
 
-def progress_printer(log: Callable[[str], None], label: str, started: float) -> Callable[[int, int], None]:
-    """A `progress(done, total)` that logs '<label>: done/total examples, N s' (evaluations take minutes on a CPU)."""
+def progress_printer(log: Callable[[str], None], label: str, started: float,
+                     every: float = 10.0) -> Callable[..., None]:
+    """A `progress(done, total, token=None, max_new_tokens=None)` that logs at most one line per `every` seconds
+    (and the last): '<label>: done/total examples, batch at token t/T, N s'. Evaluations take minutes on a CPU."""
+    last = [started]
 
-    def report(done: int, total: int) -> None:
-        log(f"  {label}: {done}/{total} examples generated, {time.perf_counter() - started:.0f} s")
+    def report(done: int, total: int, token: int | None = None, max_new_tokens: int | None = None) -> None:
+        now = time.perf_counter()
+        if done < total and now - last[0] < every:
+            return
+        if done == total and token is not None:
+            return  # the final per-batch call (token None) reports the end once
+        last[0] = now
+        where = f", current batch at token {token}/{max_new_tokens}" if token is not None else ""
+        log(f"  {label}: {done}/{total} examples done{where}, {now - started:.0f} s")
 
     return report

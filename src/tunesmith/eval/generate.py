@@ -74,7 +74,8 @@ def generate_token_ids(
     """Generate continuations of tokenized prompts; returns the new tokens of each, cut before the first stop token.
 
     Prompts are sorted by length so each batch pads little, then results are put back in input order.
-    `progress(done, total)`, if given, is called after each batch (long evaluations report as they go).
+    `progress(done, total, token, max_new_tokens)`, if given, is called after every decoding step with the
+    examples finished so far and the current batch's token count (long evaluations report as they go).
     """
     if batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {batch_size}")
@@ -100,14 +101,30 @@ def generate_token_ids(
                 input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                 attention_mask[row, width - len(ids) :] = 1
             output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
+                **_heartbeat(progress, start, len(order), width, max_new_tokens),
             )
             new_tokens = output[:, width:].tolist()  # (batch, generated)
             for row, i in enumerate(chunk):
                 results[i] = _cut_at_stop(new_tokens[row], set(stops))
             if progress is not None:
-                progress(min(start + batch_size, len(order)), len(order))
+                progress(min(start + batch_size, len(order)), len(order), None, max_new_tokens)
     return results
+
+
+def _heartbeat(progress, done: int, total: int, width: int, max_new_tokens: int) -> dict:
+    """generate() kwargs that call `progress` after every decoding step; a stopping criterion that never stops
+    (the only per-step hook `generate` offers), so the generated tokens are unchanged."""
+    if progress is None:
+        return {}
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Heartbeat(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            progress(done, total, input_ids.shape[1] - width, max_new_tokens)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return {"stopping_criteria": StoppingCriteriaList([Heartbeat()])}
 
 
 def generate_batch(

@@ -162,6 +162,9 @@ class QLoraMethod(LoraMethod):
             raise MethodError("qlora: the base is not quantized; load it with METHOD.base_load_kwargs(config)")
         # Gradient checkpointing is the trainer's choice (enable_gradient_checkpointing), not switched on here.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        from tunesmith.models.load import keep_4bit_kernels
+
+        keep_4bit_kernels(model)  # also for bases loaded outside models.load (see there)
         return get_peft_model(model, lora_config(config))
 
     def merge(self, model: nn.Module) -> nn.Module:
@@ -178,7 +181,10 @@ class QLoraMethod(LoraMethod):
         quantizer = getattr(base, "hf_quantizer", None)
         if quantizer is None:
             raise MethodError("qlora merge: the base has no quantizer to dequantize with")
-        dtype = quantizer.quantization_config.bnb_4bit_compute_dtype
+        # One dtype for the whole merged model: that of the parameters that were never quantized (embeddings,
+        # norms, head). Dequantizing to the compute dtype instead left a bf16 body with fp32 embeddings on CPUs
+        # with native bf16 (AMX/AVX512-BF16), and the merged model's forward failed on mixed dtypes.
+        dtype = base.get_input_embeddings().weight.dtype
         base = base.dequantize(dtype=dtype)
         if hasattr(base.config, "quantization_config"):
             del base.config.quantization_config  # the merged folder is a plain model

@@ -258,6 +258,8 @@ def why_not(facts: ModelFacts, method: MethodConfig, knobs: Knobs, est: MemoryEs
             f"{peak / GiB:.1f} GiB per {'GPU' if budget.device != 'cpu' else 'host'}")
     if budget.device == "cpu":
         return text + f"; needs {peak / USABLE_FRACTION / GiB:.1f} GiB"
+    if not get_method(method.name).supports_sharding:
+        return text + f"; needs one GPU of {est.total / USABLE_FRACTION / GiB:.0f} GiB ({method.name} is not sharded)"
     layer = _layer_bytes(facts, est)
     for n in range(max(2, budget.gpus + 1), 1025):
         if sharded_bytes_per_gpu(est, n, layer) <= budget.usable:

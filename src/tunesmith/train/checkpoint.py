@@ -199,16 +199,19 @@ def _load_sharded(path: Path, model, optimizer) -> None:
     )
 
     options = StateDictOptions(ignore_frozen_params=True)
+    # Setting: frozen (base) weights are not in the checkpoint, so not strict; a trainable weight missing from the
+    # checkpoint still fails, in dcp.load, which is asked for every trainable key of this model.
+    set_options = StateDictOptions(ignore_frozen_params=True, strict=False)
     if optimizer is None:
         state = {"model": get_model_state_dict(model, options=options)}
         dcp.load(state, checkpoint_id=str(path))
-        set_model_state_dict(model, state["model"], options=options)
+        set_model_state_dict(model, state["model"], options=set_options)
         return
     model_state, optim_state = get_state_dict(model, _raw(optimizer), options=options)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, _raw(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=options)
+                   options=set_options)
 
 
 def restore_state(payload: dict[str, Any]) -> TrainState:

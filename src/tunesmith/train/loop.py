@@ -4,13 +4,17 @@ Per optimizer step (global batch = batch_size x gradient_accumulation_steps x pr
     N      = target tokens in the whole global batch (all-reduced over processes)
     loss   = sum over micro-batches and processes of CE_sum(micro-batch) / N
 so the gradient is the token-weighted mean over the global batch, whatever the split into micro-batches and
-processes (DDP averages gradients over processes, hence each process scales its CE_sum by world_size / N).
+processes (DDP, and FSDP's reduce-scatter, average gradients over processes — FSDP as SUM then / world_size on
+every backend, see sharding.py — hence each process scales its CE_sum by world_size / N).
 Schedule: linear warm-up over warmup_ratio of the steps, then cosine (or linear/constant) decay.
 
 Extra loss terms (`LoopContext.loss_terms`, e.g. an EWC penalty): each is a function `term(model) -> (name, value)`
 called once per optimizer step, on the last micro-batch; its value is added to the loss of every process, so the
 gradient is d(mean token CE + sum of terms)/d(theta) (DDP averages the identical term gradients of all processes),
-and the value is logged as `name` beside train_loss in metrics.jsonl.
+and the value is logged as `name` beside train_loss in metrics.jsonl. Refused under FSDP (terms would see shards).
+
+Every process runs the same sequence of forwards and collectives (same number of micro-batches per step, same
+number of evaluation batches), which FSDP needs: each forward all-gathers parameters from every process.
 """
 
 from __future__ import annotations

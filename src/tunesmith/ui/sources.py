@@ -131,15 +131,28 @@ class Catalog:
     def __init__(self, registry_url: str | Path | None = None, runs_dir: str | Path | None = "runs") -> None:
         self.registry_url = registry_url
         self.runs_dir = Path(runs_dir).expanduser().resolve() if runs_dir else None
+        self._cache: tuple[tuple, list[RunView]] | None = None
 
     # registry ----------------------------------------------------------------------------------------
     def _registered(self, name: str | None = None, version: int | None = None) -> list[RunView]:
-        """Registered runs (all, or the one NAME@VERSION) with their full records, in one read transaction."""
-        from sqlalchemy import select
+        """Registered runs (all, or the one NAME@VERSION) with their full records, in one read transaction.
+
+        The full list is cached under a stamp that one cheap query reads (run count, latest run update, alias
+        event count): every registration, archive, promote and rollback changes it. Measured with 60 runs on the
+        loaded 2-core machine (load ~20): the full read took ~250 ms, which a poll every 2 s would repeat."""
+        from sqlalchemy import func, select
 
         from tunesmith.registry.runs import run_record
-        from tunesmith.registry.schema import Run
+        from tunesmith.registry.schema import AliasEvent, Run
         from tunesmith.registry.store import open_registry, read
+
+        registry = open_registry(self.registry_url)
+        stamp = None
+        if name is None:
+            stamp = read(registry, lambda s: (*s.execute(select(func.count(Run.id), func.max(Run.updated_at))).one(),
+                                              s.scalar(select(func.count(AliasEvent.id)))))
+            if self._cache is not None and self._cache[0] == stamp:
+                return self._cache[1]
 
         def work(session) -> list[dict[str, Any]]:
             query = select(Run).order_by(Run.name, Run.version)
@@ -148,7 +161,10 @@ class Catalog:
             runs = session.scalars(query)
             return [{**run_record(session, run, full=True), "logs_digest": run.logs_digest} for run in runs]
 
-        return [self._from_record(r) for r in read(open_registry(self.registry_url), work)]
+        views = [self._from_record(r) for r in read(registry, work)]
+        if stamp is not None:
+            self._cache = (stamp, views)
+        return views
 
     def _from_record(self, record: dict[str, Any]) -> RunView:
         run_dir = Path(record["run_dir"])
