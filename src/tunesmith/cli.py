@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -384,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     from tunesmith.errors import USAGE_EXIT_STATUS, TunesmithError
 
     args = build_parser().parse_args(argv)
+    # bitsandbytes on AVX512-BF16 CPUs warns at import that an optional hub kernel (`kernels`) is missing, on every
+    # command that touches it; tunesmith does not use that kernel (models/load.keep_4bit_kernels), so hide the line.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     debug = args.debug or os.environ.get("TUNESMITH_DEBUG", "") not in ("", "0")
     try:
         status = int(args.func(args) or 0)

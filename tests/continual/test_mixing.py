@@ -177,3 +177,26 @@ def test_stratified_sample_follows_cluster_sizes():
     by_cluster = Counter(labels[c.line - 1] for c in chosen)
     assert by_cluster == {0: 12, 1: 6, 2: 2}
     assert len({c.line for c in chosen}) == 20
+
+
+def test_run_replay_buffer_reservoir_and_stratified(tmp_path):
+    """The buffer a run leaves for the next one: its own records only (not the ones it replayed), tagged with the
+    run and task; stratified keeps the same size and traces every record too."""
+    from tunesmith.config import load_config
+    from tunesmith.data.mixing import ReservoirBuffer
+    from tunesmith.recipes.continual import REPLAY_FILE, _write_replay
+
+    own = [Conversation(c.messages, c.source, c.line, {"task": "t"}) for c in records("t", 12)]
+    replayed = tag_replay(records("old", 3), run="parent@1", task="old")
+    for strategy in ("reservoir", "stratified"):
+        config = load_config(None, ["output.name=child", "continual.replay_size=5",
+                                    f"continual.replay_strategy={strategy}"])
+        parent = ReservoirBuffer(capacity=5, seed=0)
+        parent.add(replayed)
+        _write_replay(config, tmp_path, parent, own + replayed, log=lambda *a: None)
+        buffer = ReservoirBuffer.load(tmp_path / REPLAY_FILE)
+        assert len(buffer.items) == 5 and buffer.seen == 3 + 12, strategy
+        runs = {c.meta["replay"]["run"] for c in buffer.items}
+        assert runs <= {"parent@1", "child"}, runs
+        assert all(c.meta["replay"]["task"] == ("old" if c.meta["replay"]["run"] == "parent@1" else "t")
+                   for c in buffer.items)

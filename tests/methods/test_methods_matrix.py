@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from tunesmith.config import MethodConfig
 from tunesmith.methods.registry import available_methods, get_method
+from tunesmith.models.load import keep_4bit_kernels
 
 METHODS = ["full", "lora", "qlora", "prefix", "prompt", "adapters"]
 OPTIONS = {
@@ -35,9 +36,11 @@ def method_config(name: str) -> MethodConfig:
 
 def load_base(directory, name: str):
     method = get_method(name)
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         directory, dtype=torch.float32, **method.base_load_kwargs(method_config(name))
     )
+    keep_4bit_kernels(model)  # as models.load does: one 4-bit kernel on CPUs with native bf16
+    return model
 
 
 def applied(directory, name: str):

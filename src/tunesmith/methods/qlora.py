@@ -162,7 +162,9 @@ class QLoraMethod(LoraMethod):
             raise MethodError("qlora: the base is not quantized; load it with METHOD.base_load_kwargs(config)")
         # Gradient checkpointing is the trainer's choice (enable_gradient_checkpointing), not switched on here.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        keep_training_kernels(model)
+        from tunesmith.models.load import keep_4bit_kernels
+
+        keep_4bit_kernels(model)  # also for bases loaded outside models.load (see there)
         return get_peft_model(model, lora_config(config))
 
     def merge(self, model: nn.Module) -> nn.Module:
@@ -190,18 +192,6 @@ class QLoraMethod(LoraMethod):
         set_peft_model_state_dict(plain, state)
         with torch.no_grad():
             return plain.merge_and_unload(safe_merge=True)
-
-
-def keep_training_kernels(model: nn.Module) -> None:
-    """Stop bitsandbytes (>= 0.48) from repacking 4-bit weights into its CPU inference layout during evaluation.
-
-    On CPUs with AVX512-BF16/AMX, a Linear4bit forward in eval mode without grad converts its weight in place to a
-    packed format with other numerics, and every later training step then runs on the repacked weights: a run that
-    evaluated at step N trained differently from one resumed after step N (measured: 9e-5 loss difference at the
-    next step, tests/methods/test_methods_train.py). Training keeps one kernel throughout."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 METHOD = QLoraMethod()

@@ -71,4 +71,17 @@ def load_model(config: ModelConfig, log=print, **extra: Any) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if config.gguf_file:
         reference.detach_gguf_quantizer(model)
+    keep_4bit_kernels(model)
     return model
+
+
+def keep_4bit_kernels(model) -> None:
+    """Stop bitsandbytes (>= 0.48) from repacking 4-bit weights into its CPU inference layout on the fly.
+
+    On CPUs with AVX512-BF16/AMX, a Linear4bit forward in eval mode without grad converts its weight IN PLACE to a
+    packed layout with other numerics; every later forward, training included, then runs on it. So a run that
+    evaluated at step N trained differently from one resumed after step N (9e-5 loss at the next step), and a loaded
+    adapter's logits depended on whether something had evaluated first. One kernel throughout; no-op elsewhere."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

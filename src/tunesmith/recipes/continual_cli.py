@@ -77,17 +77,28 @@ def cmd_merge_adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _example(example: str) -> dict:
+    """Help that ends with an example invocation, like every other subcommand (cli.command; not imported: layers)."""
+    import argparse
+
+    return {"epilog": f"example:\n  {example}", "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def add_continual(sub) -> None:
     from tunesmith.methods.combine import COMBINATIONS
 
-    p = sub.add_parser("multitask", help="one adapter per task; the interference matrix (task x adapter)")
+    p = sub.add_parser("multitask", help="one adapter per task; the interference matrix (task x adapter)",
+                       **_example("tunesmith multitask train examples/tasks/multitask.yaml"))
     msub = p.add_subparsers(dest="multitask_command", required=True)
-    t = msub.add_parser("train", help="train one LoRA per task of data.datasets and print the serve line")
+    t = msub.add_parser("train", help="train one LoRA per task of data.datasets and print the serve line",
+                        **_example("tunesmith multitask train examples/tasks/multitask.yaml"))
     t.add_argument("config", help="run config (YAML) with data.datasets")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_multitask_train)
-    i = msub.add_parser("interference", help="score every task of data.datasets under every adapter (and the base)")
+    i = msub.add_parser("interference", help="score every task of data.datasets under every adapter (and the base)",
+                        **_example("tunesmith multitask interference examples/tasks/multitask.yaml "
+                                   "--adapter risk=runs/tasks-multitask-risk"))
     i.add_argument("config", help="run config (YAML) with data.datasets (their test files are used)")
     i.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="a run directory or adapter")
     i.add_argument("--max-examples", type=int, default=None, help="test records per task (default eval.max_examples)")
@@ -95,7 +106,8 @@ def add_continual(sub) -> None:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_multitask_interference)
 
-    m = sub.add_parser("merge-adapters", help="merge the LoRA adapters of several runs into one run (merged_from)")
+    m = sub.add_parser("merge-adapters", help="merge the LoRA adapters of several runs into one run (merged_from)",
+                       **_example("tunesmith merge-adapters A@1 B@1 --out runs/merged --combination ties"))
     m.add_argument("runs", nargs="+", help="runs to merge: NAME@VERSION, alias or run directory")
     m.add_argument("--out", required=True, help="new run directory for the merged adapter")
     m.add_argument("--combination", default="cat", choices=COMBINATIONS,
