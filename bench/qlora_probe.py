@@ -4,7 +4,10 @@
    demo task) in fp32, NF4 with fp32 compute, NF4 with bf16 compute, and the fp32 base under bf16 autocast (what the
    trainer runs where bf16 is native). If the NF4 base starts far above the fp32 base, QLoRA has more to learn.
 2. Which modules bitsandbytes quantized (is the tied embedding / output head 4-bit?).
-3. `--train-steps N`: LoRA and QLoRA trained side by side at the same rate and seed for N steps (the trainer's own
+3. Dequantization on this CPU: every quantized weight dequantized (bitsandbytes' own dequantize_4bit) against
+   the fp32 original (relative Frobenius error; NF4 is expected near 0.1), and one layer's forward against
+   F.linear with that dequantized weight (is the CPU 4-bit matmul what it claims to be?).
+4. `--train-steps N`: LoRA and QLoRA trained side by side at the same rate and seed for N steps (the trainer's own
    runs, no packing, as the method table), their training and validation losses printed per step: a constant
    offset means the starting point (1.) explains the gap; a slower fall means the optimisation differs.
 
@@ -66,6 +69,29 @@ def quantized_modules(model) -> dict:
             "tied": bool(getattr(model.config, "tie_word_embeddings", False)), "example": names[:2]}
 
 
+def dequantization_check(fp32_model, nf4_model) -> dict:
+    """Relative error of NF4 weights vs the fp32 originals, and the CPU 4-bit forward vs F.linear(dequantized)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bf
+
+    originals = dict(fp32_model.named_modules())
+    errors, forward_error = [], None
+    for name, module in nf4_model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        weight = bf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        original = originals[name].weight.detach().float()
+        errors.append(float((weight - original).norm() / original.norm()))
+        if forward_error is None:
+            x = torch.randn(3, original.shape[1], generator=torch.Generator().manual_seed(0))
+            with torch.inference_mode():
+                expected = torch.nn.functional.linear(x, weight, None if module.bias is None else module.bias.float())
+                got = module(x.to(module.compute_dtype or torch.float32)).float()
+            forward_error = float((got - expected).abs().max() / expected.abs().max())
+    return {"weights": len(errors), "relative_error_median": sorted(errors)[len(errors) // 2],
+            "relative_error_max": max(errors), "cpu_forward_vs_dequantized_linear": forward_error}
+
+
 def train_side_by_side(data: Path, steps: int, lr: float, examples: int) -> dict:
     from tunesmith.config import load_config
     from tunesmith.recipes.finetune import run_finetune
@@ -98,6 +124,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train-steps", type=int, default=0, help="also train LoRA and QLoRA side by side")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dequant-only", action="store_true", help="only part 3 (seconds)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
@@ -115,6 +142,11 @@ def main(argv=None) -> int:
     generate(data, seed=0)
     tokenizer = load_tokenizer(ModelConfig(name_or_path=REFERENCE), log=lambda *a, **k: None)
     examples, _ = render_dataset(tokenizer, read_conversations(str(data / "validation.jsonl"))[: args.examples], 384)
+    if args.dequant_only:
+        check = dequantization_check(load(None), load("float32"))
+        print(json.dumps({"dequantization": check}))
+        print(f"ratio={check['relative_error_median']:.3f} (median relative error of the NF4 weights)")
+        return 0
     losses = {}
     for label, compute, autocast in (("fp32 base", None, False), ("fp32 base, bf16 autocast", None, True),
                                      ("NF4 base, fp32 compute", "float32", False),

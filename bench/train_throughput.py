@@ -387,6 +387,9 @@ def parse(argv=None):
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads, every side")
     parser.add_argument("--repeats", type=int, default=1, help="rotations of all sides; ratios are medians over them")
+    parser.add_argument("--concurrent", action="store_true",
+                        help="run a rotation's sides at the same time (a machine shared with other work: every side "
+                             "then sees the same load; on an idle machine leave this off)")
     parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ",".join(SIDES))
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", choices=SIDES)
@@ -449,13 +452,19 @@ def main(argv=None) -> int:
         raise SystemExit(f"--data: {args.data} is not a file (give a JSONL of conversations or instructions)")
     print(f"model={args.model} data={args.data} steps=1+{args.steps - 1} timed (+2 for FLOPs/profile) "
           f"batch={args.batch} seq_len={args.seq_len} rank={args.rank} threads={args.threads} repeats={args.repeats}"
-          f" load={os.getloadavg()[0]:.2f}", flush=True)
+          f" load={os.getloadavg()[0]:.2f} concurrent={args.concurrent}", flush=True)
     rotations = []
     for r in range(args.repeats):
         order = sides[r % len(sides):] + sides[: r % len(sides)]
         rotation = {}
+        if args.concurrent:  # every side at once: the same (shared-machine) load for all, not adjacent runs
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(order)) as pool:
+                rotation = dict(zip(order, pool.map(lambda kind: run_child(kind, args), order), strict=True))
         for kind in order:
-            rotation[kind] = run_child(kind, args)
+            if kind not in rotation:
+                rotation[kind] = run_child(kind, args)
             x = rotation[kind]
             print(json.dumps({"rotation": r + 1, "side": kind, **x}), flush=True)  # each side's record, as it ends
             print(f"rotation {r + 1} {kind:9s} {x['useful_tokens']:7d} useful tokens in {x['seconds']:7.2f}s = "
@@ -475,7 +484,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"bench": "train_throughput", "model": args.model, "data": args.data, "steps": args.steps,
                           "batch": args.batch, "seq_len": args.seq_len, "rank": args.rank, "threads": args.threads,
-                          "repeats": args.repeats, "timing_window": "end of step 1 to end of step N",
+                          "repeats": args.repeats, "concurrent": args.concurrent, "timing_window": "end of step 1 to end of step N",
                           "rotations": rotations, "ratios": ratios, "ratio": headline["median"]}))
     others = ", ".join(f"vs {k} {v['median']:.2f}" for k, v in ratios.items())
     print(f"ratio={headline['median']:.2f} (useful tokens/s, tunesmith / {'Trainer+peft' if 'baseline' in ratios else 'TRL'}; "
