@@ -13,7 +13,14 @@ from pathlib import Path
 
 import yaml
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# CPU processes (gloo) even on a machine with GPUs: the CPU path is what these tests check (and on a GPU machine it
+# is the setting of PyTorch issue 132471: fully_shard with a gloo group must not build a CUDA mesh).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "true"}
+
+
+def cpu_only(monkeypatch) -> None:
+    """The in-process baseline runs on CPU too (same numerics as the CPU processes it is compared with)."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
 
 
 def free_port() -> int:

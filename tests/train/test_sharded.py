@@ -16,10 +16,16 @@ import torch
 from safetensors.torch import load_file
 
 from tests.train.conftest import read_metrics
-from tests.train.procs import rank_pid, run_train, sigkill, start_train, wait_for, write_config
+from tests.train.procs import cpu_only, rank_pid, run_train, sigkill, start_train, wait_for, write_config
 from tunesmith.recipes.finetune import run_finetune
 
 FP32 = "train.precision=fp32"  # bf16 autocast on one side and FSDP's bf16 parameter gather on the other would differ
+
+
+@pytest.fixture(autouse=True)
+def _cpu(monkeypatch, request):
+    if "gpu" not in request.keywords:
+        cpu_only(monkeypatch)
 
 
 def quiet(*_a, **_k):
@@ -39,9 +45,10 @@ def compare_runs(a_dir: Path, b_dir: Path, weights: str) -> None:
         assert torch.allclose(wa[key], wb[key], atol=1e-5), key
 
 
-@pytest.mark.parametrize("method", ["lora", pytest.param("full", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", ["lora", *(pytest.param(m, marks=pytest.mark.slow) for m in ("full", "adapters", "qlora"))])
 def test_fsdp_on_two_processes_equals_one_process(make_config, tmp_path, method):
-    """~35 s (lora) / ~40 s (full) on 2 loaded cores."""
+    """~40 s each on 2 loaded cores. QLoRA here is bitsandbytes' CPU backend with uint8 quant storage: accelerate
+    leaves those 4-bit weights unsharded (replicated), the LoRA weights and the rest are sharded."""
     steps = ["train.max_steps=3", "train.eval_steps=3", FP32, f"method.name={method}"]
     if method == "full":
         steps.append("train.learning_rate=1e-3")
@@ -54,17 +61,31 @@ def test_fsdp_on_two_processes_equals_one_process(make_config, tmp_path, method)
     assert "FSDP2 over 2 processes, mesh DeviceMesh((dp_shard=2), 'cpu'" in result.stdout
     assert "LlamaDecoderLayer" in result.stdout
     root = Path(single.output.dir)
-    weights = "adapter/adapter_model.safetensors" if method == "lora" else "adapter/model.safetensors"
+    weights = "adapter/model.safetensors" if method == "full" else "adapter/adapter_model.safetensors"
     compare_runs(root / "single", root / "fsdp", weights)
     assert (root / "fsdp/checkpoints/step-3/sharded/.metadata").exists()  # a torch.distributed.checkpoint folder
     from transformers import AutoModelForCausalLM
 
-    if method == "lora":
+    if method in ("lora", "qlora"):
         from peft import PeftModel
 
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(single.model.name_or_path), root / "fsdp/adapter")
-    else:
+    elif method == "full":
         AutoModelForCausalLM.from_pretrained(root / "fsdp/adapter")
+
+
+def test_prompt_learning_and_loss_terms_are_refused_under_fsdp(tiny_model_and_tokenizer):
+    from tunesmith.config import ConfigError, MethodConfig
+    from tunesmith.methods.registry import get_method
+    from tunesmith.train.sharding import check_supported
+
+    sharded = type("Sharded", (), {"is_fsdp2": True})()
+    model, _ = tiny_model_and_tokenizer
+    prefix = get_method("prefix")
+    with pytest.raises(ConfigError, match="prompt-learning methods .* not supported with FSDP"):
+        check_supported(sharded, prefix, prefix.apply(model, MethodConfig.model_validate({})), [])
+    with pytest.raises(ConfigError, match="loss terms .* not supported with FSDP"):
+        check_supported(sharded, get_method("lora"), model, [lambda m: ("x", torch.zeros(()))])
 
 
 def kill_rank_one_after_step(config_path: Path, run_dir: Path, step: int) -> None:
@@ -116,7 +137,7 @@ def test_fsdp_on_two_gpus_equals_one_gpu(make_config, tmp_path):
     single = make_config("train.batch_size=4", *steps, name="single")
     run_finetune(single, log=quiet)
     sharded = make_config("train.batch_size=2", "train.sharding=fsdp", *steps, name="fsdp")
-    result = run_train(write_config(tmp_path / "fsdp.yaml", sharded), nproc=2)
+    result = run_train(write_config(tmp_path / "fsdp.yaml", sharded), nproc=2, env={"ACCELERATE_USE_CPU": "false"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mesh DeviceMesh((dp_shard=2), 'cuda'" in result.stdout
     root = Path(single.output.dir)

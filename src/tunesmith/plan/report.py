@@ -105,7 +105,8 @@ def assumptions(req: PlanRequest, start: Start, data: dict | None) -> list[str]:
         "adapters (LoRA, prefix, prompt, bottleneck) train in fp32 (peft upcasts them); full fine-tuning trains the weights in their own dtype"
         + ("; fp32 master weights added" if start.master_weights else "; no fp32 master copy (add one with --master-weights)"),
         "QLoRA: decoder Linear weights in NF4 (0.5 byte) + quantization constants; embeddings, norms, lm_head 16-bit",
-        "activations: SDPA/flash attention (no seq x seq scores kept), LoRA dropout 0.05; the loss computes logits only "
+        "activations: SDPA/flash attention (no seq x seq scores kept; packing's 4-D block mask, batch x seq^2, kept once), "
+        "LoRA dropout 0.05; the loss computes logits only "
         f"at labelled positions (tunesmith's trainer; prompt tuning takes the full-logits path), fp32 for the loss: {labelled}",
         "peak = persistent state + max(activations at the start of backward, gradients at the optimizer step); with accumulation the gradients are added",
         "sharded = FSDP2 full sharding (train.sharding=fsdp, launched with torchrun; parameters, gradients, optimizer / N, "

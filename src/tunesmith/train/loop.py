@@ -281,7 +281,7 @@ def _setup(model, ctx: LoopContext, n_packs: int, resume: bool) -> _Run:
     """Optimizer, schedule, accelerate's `prepare` (DDP or FSDP2) and, with `resume`, the last checkpoint."""
     cfg, acc = ctx.config, ctx.accelerator
     sharded = sharding.is_sharded(acc)
-    sharding.check_supported(acc, ctx.method, ctx.loss_terms)
+    sharding.check_supported(acc, ctx.method, model, ctx.loss_terms)
     plan = StepPlan(n_packs, cfg.batch_size, cfg.gradient_accumulation_steps, acc.num_processes, cfg.seed)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
     eval_every = cfg.eval_steps or plan.steps_per_epoch

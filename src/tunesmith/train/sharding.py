@@ -23,7 +23,7 @@ CPU (PyTorch issue 132471: segfaults). accelerate 1.15 enables its FSDP code pat
 Mixed precision: under bf16/fp16 the plugin's MixedPrecisionPolicy gathers parameters in that dtype and reduces
 gradients in fp32 (a bf16 base with fp32 LoRA weights in one unit needs this: FSDP2 gathers one dtype per unit).
 CPU offload (`train.fsdp_cpu_offload` or `fsdp_offload_params` in the accelerate config) keeps the sharded
-parameters, gradients and optimizer state in CPU memory.
+parameters, gradients and optimizer state in CPU memory (GPU runs only; untested here: no GPU).
 
 Not supported (refused with a message): FSDP1, DeepSpeed and Megatron-LM (not tested here); prompt-learning
 methods (peft saves their prompt embeddings from the live module, which FSDP shards); extra loss terms (they
@@ -80,6 +80,11 @@ def make_accelerator(config: TrainConfig):
     parallel = ParallelismConfig(dp_shard_size=world)
     if use_cuda:
         return Accelerator(fsdp_plugin=plugin, parallelism_config=parallel)  # mesh built on "cuda" by accelerate
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy):  # it pins memory for a GPU that is not there
+        print("notice: FSDP CPU offload ignored: training on CPU, parameters already live in CPU memory")
+        plugin.cpu_offload = OffloadPolicy()
     accelerator = Accelerator(cpu=True)
     state = accelerator.state
     state.distributed_type = DistributedType.FSDP
@@ -105,17 +110,18 @@ def describe(model, accelerator) -> str:
             f"mixed precision {plugin.mixed_precision_policy}")
 
 
-def check_supported(accelerator, method, loss_terms: list[Any]) -> None:
+def check_supported(accelerator, method, model, loss_terms: list[Any]) -> None:
     if not is_sharded(accelerator):
         return
-    from tunesmith.methods.base import Method
-
-    if type(method).align_logits is not Method.align_logits:
-        raise ConfigError(f"method.name={method.name}: prompt-learning methods are not supported with FSDP sharding "
-                          "(peft saves their prompt embeddings from the live, sharded module); use data parallelism")
+    peft_configs = getattr(model, "peft_config", None) or {}
+    prompt_learning = any(getattr(c, "is_prompt_learning", False) for c in peft_configs.values())
+    if not getattr(method, "supports_sharding", True) or prompt_learning:
+        raise ConfigError(f"method.name={method.name}: prompt-learning methods (prefix, prompt) are not supported with "
+                          "FSDP sharding (peft builds their virtual tokens outside the sharded modules); use data "
+                          "parallelism (train.sharding=none)")
     if loss_terms:
         raise ConfigError("extra loss terms (e.g. EWC) are not supported with FSDP sharding yet (they would see "
-                          "parameter shards); use data parallelism")
+                          "parameter shards); use data parallelism (train.sharding=none)")
 
 
 def set_mixed_precision(accelerator, precision: str) -> None:
