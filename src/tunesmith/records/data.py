@@ -15,12 +15,12 @@ Shapes of the nested reports (written by data/, read by the report, the CLI and 
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunesmith.atomic import write_json
+from tunesmith.records.files import read_record_json, split_known
 
 DATA_SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
@@ -79,11 +79,10 @@ class DataManifest:
     def from_dict(cls, data: dict[str, Any]) -> DataManifest:
         data = dict(data)
         data.setdefault("schema_version", 1)  # written before this record
-        known = {f.name for f in fields(cls)} - {"extra"}
-        values = {k: v for k, v in data.items() if k in known}
+        values, extra = split_known(cls, data)
         values["splits"] = {name: s if isinstance(s, SplitInfo) else SplitInfo(**s)
                             for name, s in (values.get("splits") or {}).items()}
-        return cls(**values, extra={k: v for k, v in data.items() if k not in known})
+        return cls(**values, extra=extra)
 
     def write(self, folder: str | Path) -> Path:
         path = Path(folder) / MANIFEST_FILE
@@ -92,7 +91,4 @@ class DataManifest:
 
     @classmethod
     def read(cls, path: str | Path) -> DataManifest:
-        path = Path(path)
-        if path.is_dir():
-            path = path / MANIFEST_FILE
-        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        return cls.from_dict(read_record_json(path, MANIFEST_FILE))

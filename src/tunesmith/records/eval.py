@@ -13,12 +13,12 @@ Shapes of the nested parts (written by eval/task.py, read by the eval report, th
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from tunesmith.atomic import write_json
+from tunesmith.records.files import read_record_json
 
 EVAL_SCHEMA_VERSION = 2
 EVAL_FILE = "eval.json"
@@ -72,12 +72,4 @@ class EvalReport:
     @classmethod
     def read(cls, path: str | Path) -> EvalReport:
         """Read eval.json (a file, or the folder holding it)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / EVAL_FILE
-        try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as exc:
-            from tunesmith.errors import UsageError
-
-            raise UsageError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        return cls.from_dict(read_record_json(path, EVAL_FILE))

@@ -10,12 +10,12 @@ report, `load_trained`, merge): a run directory holds config.yaml and adapter/; 
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunesmith.atomic import write_json
+from tunesmith.records.files import read_record_json, split_known
 
 SUMMARY_SCHEMA_VERSION = 1
 SUMMARY_FILE = "summary.json"
@@ -65,10 +65,9 @@ class RunSummary:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSummary:
-        known = {f.name for f in fields(cls)} - {"extra"}
-        values = {k: v for k, v in data.items() if k in known}
+        values, extra = split_known(cls, data)
         values.setdefault("schema_version", 0)  # written before summary.json carried a version
-        return cls(**values, extra={k: v for k, v in data.items() if k not in known})
+        return cls(**values, extra=extra)
 
     def write(self, run_dir: str | Path) -> Path:
         path = Path(run_dir) / SUMMARY_FILE
@@ -78,16 +77,7 @@ class RunSummary:
     @classmethod
     def read(cls, path: str | Path) -> RunSummary:
         """Read summary.json (a file, or the run directory holding it)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / SUMMARY_FILE
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            from tunesmith.errors import UsageError
-
-            raise UsageError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_record_json(path, SUMMARY_FILE))
 
 
 @dataclass(frozen=True)
