@@ -80,10 +80,11 @@ def make_data(tokenizer, seq_len: int, records: int, path: Path, seed: int = 0) 
 
 # ------------------------------------------------------------------------------------------------ runs
 def case_config(model: str, method: str, data: Path, seq_len: int, batch: int, ckpt: bool, steps: int,
-                out: Path, name: str) -> dict:
+                out: Path, name: str, processes: int = 1) -> dict:
     from tunesmith.methods.registry import get_method
 
     packing = get_method(method).supports_packing
+    sharding = {"sharding": "fsdp"} if processes > 1 else {}
     return {
         "model": {"name_or_path": model, "dtype": "float32"},
         "data": {"train": [str(data)], "max_seq_len": seq_len, "validation_fraction": 0.0, "packing": packing,
@@ -91,18 +92,24 @@ def case_config(model: str, method: str, data: Path, seq_len: int, batch: int, c
         "method": {"name": method},
         "train": {"max_steps": steps, "batch_size": batch, "gradient_accumulation_steps": 1,
                   "gradient_checkpointing": ckpt, "show_progress": False, "logging_steps": 1, "eval_steps": None,
-                  "save_total_limit": 1, "load_best_at_end": False},
+                  "save_total_limit": 1, "load_best_at_end": False, **sharding},
         "eval": {"metrics": []},
         "output": {"dir": str(out), "name": name, "overwrite": True, "register_run": False},
     }
 
 
-def run_train(config_path: Path, threads: int) -> dict:
-    """`tunesmith train` in a fresh process; its peak RSS from the kernel's rusage (os.wait4, Linux KiB)."""
+def run_train(config_path: Path, threads: int, processes: int = 1) -> dict:
+    """`tunesmith train` in a fresh process; its peak RSS from the kernel's rusage (os.wait4, Linux KiB).
+
+    processes > 1: `torchrun --nproc_per_node N` (FSDP2 on gloo). ru_maxrss of the waited launcher covers its waited
+    descendants as the maximum over them, i.e. the largest per-process peak among the ranks: what a per-GPU budget
+    must hold."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "train", str(config_path)], env=env,
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+              "--master_port", str(_free_port()), "-m"] if processes > 1 else [sys.executable, "-m"]
+    proc = subprocess.Popen([*launch, "tunesmith.cli", "train", str(config_path)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
     _pid, status, usage = os.wait4(proc.pid, 0)
@@ -121,7 +128,15 @@ def labelled_share(run_dir: Path) -> float | None:
     return None
 
 
-def predict(config_path: Path, share: float | None) -> dict:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def predict(config_path: Path, share: float | None, processes: int = 1) -> dict:
     from tunesmith.config import load_config
     from tunesmith.models.facts import model_facts
     from tunesmith.plan.memory import OVERHEAD_BYTES
@@ -130,24 +145,27 @@ def predict(config_path: Path, share: float | None) -> dict:
 
     config = load_config(config_path)
     facts = model_facts(config.model.name_or_path)
-    peak = planned_peak(config, Budget("cpu", 2**50), labelled_fraction=share, facts=facts)
+    # processes > 1: the planner's per-device figure for a sharded plan on that many devices (config has fsdp)
+    peak = planned_peak(config, Budget("cpu", 2**50, gpus=processes), labelled_fraction=share, facts=facts)
     return {"predicted_bytes": int(peak), "overhead_bytes": OVERHEAD_BYTES["cpu"]}
 
 
 def run_case(case: dict, work: Path, threads: int, log) -> dict:
-    name = f"{case['method']}-s{case['seq_len']}-b{case['batch_size']}{'-ckpt' if case['ckpt'] else ''}"
+    processes = case.get("processes", 1)
+    name = (f"{case['method']}-s{case['seq_len']}-b{case['batch_size']}{'-ckpt' if case['ckpt'] else ''}"
+            f"{f'-fsdp{processes}' if processes > 1 else ''}")
     cfg = case_config(case["model"], case["method"], case["data"], case["seq_len"], case["batch_size"], case["ckpt"],
-                      case["steps"], work / "runs", name)
+                      case["steps"], work / "runs", name, processes)
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    measured = run_train(path, threads)
+    measured = run_train(path, threads, processes)
     row = {"case": name, "method": case["method"], "seq_len": case["seq_len"], "batch_size": case["batch_size"],
-           "gradient_checkpointing": case["ckpt"], "model": case["model"], **measured}
+           "gradient_checkpointing": case["ckpt"], "processes": processes, "model": case["model"], **measured}
     if measured["returncode"] != 0:
         log(f"{name}: FAILED {measured['tail']}")
         return row
     share = labelled_share(work / "runs" / name)
-    row.update(predict(path, share), labelled_share=share)
+    row.update(predict(path, share, processes), labelled_share=share)
     row["relative_error"] = round((row["predicted_bytes"] - row["peak_rss_bytes"]) / row["peak_rss_bytes"], 4)
     log(f"{name}: predicted {row['predicted_bytes'] / MiB:,.0f} MiB, measured {row['peak_rss_bytes'] / MiB:,.0f} MiB "
         f"({row['relative_error']:+.1%}), {measured['seconds']} s")
@@ -234,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", help="an explicit subset instead of the grid: method:seq:batch[:ckpt],... "
                                         "(e.g. full:256:1,lora:256:1:ckpt)")
     parser.add_argument("--no-calibration", action="store_true", help="skip re-running the calibration case")
+    parser.add_argument("--sharded", default="", metavar="SPEC",
+                        help="cases run as 2-process FSDP2 (torchrun, gloo), per-process peak vs the planner's "
+                             "sharded per-device figure: method:seq:batch,... (with --quick: lora:256:2)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget-check", action="store_true", help="also run issue 19's budget check (LoRA)")
@@ -259,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration["role"] = "calibration (the planner's CPU overhead constant was set from this case; not reported)"
 
     if args.quick:
+        args.sharded = args.sharded and "lora:256:2"
         model, tokenizer, seq_lens, batches, methods = tiny, tiny_tok, [256], [2], ["lora"]
         steps, with_ckpt = 2, False
     else:
@@ -291,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
                 data_by_seq[seq] = make_data(tokenizer, seq, 2 * steps + 2, work / f"data-{seq}.jsonl")
             cases.append({"model": model, "method": method, "seq_len": seq, "batch_size": int(batch),
                           "ckpt": flag == ["ckpt"], "steps": steps, "data": data_by_seq[seq]})
+    for spec in filter(None, args.sharded.split(",")):
+        method, seq, batch = spec.split(":")
+        cases.append({"model": model, "method": method, "seq_len": int(seq), "batch_size": int(batch), "ckpt": False,
+                      "steps": steps, "processes": 2,
+                      "data": make_data(tokenizer, int(seq), 2 * int(batch) * steps + 2, work / f"data-{seq}-x2.jsonl")})
     rows = []
     for case in cases:  # each row is also appended to work/results.jsonl as it lands (long grids on loaded machines)
         rows.append(run_case(case, work, args.threads, log))

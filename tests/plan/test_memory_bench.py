@@ -28,7 +28,7 @@ def test_error_comes_from_the_measured_peak(tmp_path, monkeypatch):
     model = str(save_tiny_model(tmp_path / "tiny"))
     data = bench.make_data(AutoTokenizer.from_pretrained(model), 128, 4, tmp_path / "d.jsonl")
     measured = {"returncode": 0, "peak_rss_bytes": 700 * 2**20, "seconds": 1.0, "tail": []}
-    monkeypatch.setattr(bench, "run_train", lambda path, threads: dict(measured))
+    monkeypatch.setattr(bench, "run_train", lambda path, threads, processes=1: dict(measured))
     monkeypatch.setattr(bench, "labelled_share", lambda run_dir: 0.3)
     case = {"model": model, "method": "lora", "seq_len": 128, "batch_size": 2, "ckpt": False, "steps": 2, "data": data}
     row = bench.run_case(case, tmp_path, 2, lambda msg: None)
@@ -40,6 +40,33 @@ def test_error_comes_from_the_measured_peak(tmp_path, monkeypatch):
     # Every example fills max_seq_len, and truncation leaves labelled tokens in each.
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     assert len(rows) == 4 and all(r["messages"][1]["role"] == "assistant" for r in rows)
+
+
+def test_sharded_case_is_compared_with_the_planners_per_device_figure(tmp_path, monkeypatch):
+    """A 2-process FSDP2 case: torchrun launches it (train.sharding=fsdp in its config), and its per-process peak is
+    compared with the planner's sharded per-device figure, which for full fine-tuning is below the single-process
+    one (parameters, gradients and optimizer state divided over 2)."""
+    import yaml
+
+    bench = _bench()
+    from transformers import AutoTokenizer
+
+    from tunesmith.models.tiny import save_tiny_model
+
+    model = str(save_tiny_model(tmp_path / "tiny"))
+    data = bench.make_data(AutoTokenizer.from_pretrained(model), 128, 8, tmp_path / "d.jsonl")
+    launched = []
+    monkeypatch.setattr(bench, "run_train", lambda path, threads, processes=1: launched.append(processes) or
+                        {"returncode": 0, "peak_rss_bytes": 600 * 2**20, "seconds": 1.0, "tail": []})
+    monkeypatch.setattr(bench, "labelled_share", lambda run_dir: 0.3)
+    case = {"model": model, "method": "full", "seq_len": 128, "batch_size": 1, "ckpt": False, "steps": 2, "data": data}
+    single = bench.run_case(case, tmp_path, 1, lambda msg: None)
+    sharded = bench.run_case({**case, "processes": 2}, tmp_path, 1, lambda msg: None)
+    assert launched == [1, 2] and sharded["case"].endswith("-fsdp2") and sharded["processes"] == 2
+    config = yaml.safe_load((tmp_path / f"{sharded['case']}.yaml").read_text())
+    assert config["train"]["sharding"] == "fsdp"
+    assert sharded["predicted_bytes"] == bench.predict(tmp_path / f"{sharded['case']}.yaml", 0.3, 2)["predicted_bytes"]
+    assert sharded["predicted_bytes"] < single["predicted_bytes"]
 
 
 @pytest.mark.slow
