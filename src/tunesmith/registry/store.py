@@ -83,7 +83,7 @@ def _configure_sqlite(engine: Engine, wal: bool) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         if wal:
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(cursor)
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
@@ -91,6 +91,25 @@ def _configure_sqlite(engine: Engine, wal: bool) -> None:
     def _on_begin(conn) -> None:
         mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _enable_wal(cursor) -> None:
+    """PRAGMA journal_mode=WAL, retried: switching a fresh database's journal mode needs a lock that SQLite does not
+    wait for through busy_timeout, so a second process opening the same new registry at that moment got "database is
+    locked" at once (tests/registry/test_registry_atomicity.py::test_two_concurrent_writer_processes, ~1 run in 6)."""
+    import sqlite3
+
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    delay = 0.01
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc).lower() and "busy" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(0.5, delay * 2)
 
 
 def migrate(engine: Engine) -> None:
