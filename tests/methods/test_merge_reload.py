@@ -19,30 +19,13 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tunesmith.config import MethodConfig
+from tests.methods.test_methods_merge import trained_adapter
 from tunesmith.methods.merge import merge_run
-from tunesmith.methods.registry import get_method, load_trained
+from tunesmith.methods.registry import load_trained
 
 PROBES = ["a contract between two parties", "zebra 12345 !?", "x"]
 DRIFT_TOLERANCE = 1e-4  # fp32 logits of a 2-layer tiny model: rounding only (measured ~1e-6)
 WEIGHT_TOLERANCE = 1e-6
-
-
-def _trained_qlora(base_dir, out_dir):
-    """A QLoRA adapter whose A and B are moved off their init (so merging changes the model), saved like a run's."""
-    method = get_method("qlora")
-    # fp32 compute: the tolerances below are for fp32 rounding, whatever bf16 support this machine has
-    config = MethodConfig.model_validate({"name": "qlora", "lora": {"r": 4, "dropout": 0.0},
-                                          "quant": {"compute_dtype": "float32"}})
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **method.base_load_kwargs(config))
-    model = method.apply(base, config)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(torch.randn(parameter.shape, generator=generator).to(parameter.dtype) * 0.05)
-    method.save(model, out_dir, config, str(base_dir))
-    return out_dir
 
 
 def _logits(model, tokenizer) -> torch.Tensor:
@@ -60,7 +43,9 @@ def test_qlora_merge_drift_on_the_reloaded_model(tiny_model_dir, tmp_path):
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
-    adapter = _trained_qlora(tiny_model_dir, tmp_path / "adapter")
+    # fp32 compute: the tolerances here are for fp32 rounding, whatever bf16 support this machine has
+    adapter = trained_adapter("qlora", tiny_model_dir, tmp_path / "adapter",
+                              {"lora": {"r": 4, "dropout": 0.0}, "quant": {"compute_dtype": "float32"}})
     unmerged, tokenizer, _ = load_trained(adapter, log=lambda _: None)
     # The trained model's forward as training ran it. (bitsandbytes >= 0.48, in eval mode on a CPU with AVX512-BF16,
     # repacks the 4-bit weights in place and multiplies in bf16; train mode, with dropout 0, keeps the fp32 path.)
