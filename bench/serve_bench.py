@@ -106,6 +106,15 @@ def _count(out: torch.Tensor, prompt_len: int) -> list[int]:
     return [len(row) for row in out[:, prompt_len:].tolist()]  # min_new_tokens = max_new_tokens: no early eos
 
 
+def _generate_counted(model, tokenizer, prompts, max_tokens: int, **kwargs) -> int:
+    """One static left-padded batch through `generate`, exactly `max_tokens` new tokens per row; tokens generated."""
+    ids, mask = _left_pad(tokenizer, prompts)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                             min_new_tokens=max_tokens, do_sample=False, **kwargs)
+    return sum(_count(out, ids.shape[1]))
+
+
 def run_hf_base(model, tokenizer, jobs, max_tokens: int) -> tuple[int, float, list[float]]:
     """Plain transformers generate of the base model; round k of every client forms one static batch of N rows."""
     latencies: list[float] = []
@@ -114,11 +123,7 @@ def run_hf_base(model, tokenizer, jobs, max_tokens: int) -> tuple[int, float, li
     for k in range(len(jobs[0])):
         batch = [part[k] for part in jobs]
         t0 = time.perf_counter()
-        ids, mask = _left_pad(tokenizer, [p for p, _ in batch])
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                 min_new_tokens=max_tokens, do_sample=False)
-        tokens += sum(_count(out, ids.shape[1]))
+        tokens += _generate_counted(model, tokenizer, [p for p, _ in batch], max_tokens)
         latencies += [time.perf_counter() - t0] * len(batch)
     return tokens, time.perf_counter() - start, latencies
 
@@ -132,12 +137,8 @@ def run_peft(peft_model, tokenizer, jobs, max_tokens: int, naive: bool) -> tuple
         batch = [part[k] for part in jobs]
         t0 = time.perf_counter()
         if not naive:
-            ids, mask = _left_pad(tokenizer, [p for p, _ in batch])
             names = [a or "__base__" for _, a in batch]
-            with torch.inference_mode():
-                out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                          min_new_tokens=max_tokens, do_sample=False, adapter_names=names)
-            tokens += sum(_count(out, ids.shape[1]))
+            tokens += _generate_counted(peft_model, tokenizer, [p for p, _ in batch], max_tokens, adapter_names=names)
             latencies += [time.perf_counter() - t0] * len(batch)
             continue
         groups: dict[str, list[list[int]]] = {}
@@ -145,11 +146,7 @@ def run_peft(peft_model, tokenizer, jobs, max_tokens: int, naive: bool) -> tuple
             groups.setdefault(adapter, []).append(prompt)
         for adapter, prompts in groups.items():
             peft_model.set_adapter(adapter)
-            ids, mask = _left_pad(tokenizer, prompts)
-            with torch.inference_mode():
-                out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                          min_new_tokens=max_tokens, do_sample=False)
-            tokens += sum(_count(out, ids.shape[1]))
+            tokens += _generate_counted(peft_model, tokenizer, prompts, max_tokens)
             latencies += [time.perf_counter() - t0] * len(prompts)
     return tokens, time.perf_counter() - start, latencies
 
