@@ -6,7 +6,6 @@ folder, then one rename, mode 0644), so a reader never sees half a PNG.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +15,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from tunesmith.atomic import atomic_file  # noqa: E402
-from tunesmith.errors import UsageError
+from tunesmith.records.metrics import parse_metrics_lines  # noqa: E402
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Records of metrics.jsonl in file order; a bad line raises ValueError naming file and line."""
-    records = []
     with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{number}: not valid JSON: {exc.msg}") from exc
-            if not isinstance(record, dict):
-                raise UsageError(f"{path}:{number}: expected a JSON object per line")
-            records.append(record)
-    return records
+        return parse_metrics_lines(handle, path)
 
 
 def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:

@@ -19,6 +19,9 @@ from typing import Any
 
 import yaml
 
+from tunesmith.errors import UsageError
+from tunesmith.records.metrics import parse_metrics_lines
+
 DIR_PREFIX = "dir:"
 FOLDER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
 X_KEYS = ("step", "epoch", "tokens")
@@ -76,17 +79,10 @@ def read_metrics_live(path: Path) -> list[dict[str, Any]]:
     lines = text.split("\n")
     if not text.endswith("\n"):
         lines = lines[:-1]  # incomplete last line: written next
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UIError(500, f"{path}:{number}: not valid JSON: {exc.msg}") from exc
-        if not isinstance(record, dict):
-            raise UIError(500, f"{path}:{number}: expected a JSON object per line")
-        records.append(record)
+    try:
+        records = parse_metrics_lines(lines, path)
+    except UsageError as exc:
+        raise UIError(500, str(exc)) from exc
     _METRICS_CACHE[str(path)] = (key, records)
     return records
 
