@@ -87,9 +87,8 @@ def merge_run(path: str | Path, out: str | Path, log=print) -> dict[str, Any]:
     if not method.can_merge:
         log(f"{method.name} cannot merge into the base weights: {method.merge_refusal}")
         return _export_pair(adapter_dir, out, info, method.merge_refusal)
-    for module in model.modules():  # bitsandbytes >= 0.48 on AVX512-BF16 CPUs repacks 4-bit weights to bf16 in place
-        if hasattr(module, "support_avx512bf16_for_cpu"):  # on the first eval forward; merging must dequantize
-            module.support_avx512bf16_for_cpu = False  # the weights as trained (tests/methods/test_merge_reload.py)
+    # load_trained's base came through models.load.load_model, which already keeps bitsandbytes from repacking the
+    # 4-bit weights during this probe (keep_4bit_kernels): merging dequantizes the weights as trained.
     before = _probe_logits(model, tokenizer)
     merged = method.merge(model)
     after = _probe_logits(merged, tokenizer)
