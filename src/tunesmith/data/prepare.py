@@ -10,7 +10,6 @@ manifest.json (`records.data.DataManifest`), report.md/.html and two PNG charts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from tunesmith.data.errors import PrepareError
 from tunesmith.data.formats import Conversation, conversation_key, snapshot_hash, to_format
 from tunesmith.data.readers import load_records
 from tunesmith.data.toolcalls import message_text
+from tunesmith.hashing import file_sha256
 from tunesmith.records.data import COUNT_PARTS, DataManifest, SplitInfo
 
 PII_MODES = ("report", "redact", "drop")
@@ -244,11 +244,7 @@ def _file_sha256(path: str | Path) -> str | None:
     path = Path(path)
     if not path.is_file():  # a saved dataset folder or a hub id
         return None
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
+    return file_sha256(path)
 
 
 def check(files: list[str], options: PrepareOptions | None = None, tokenizer: Any | None = None) -> DataManifest:

@@ -9,13 +9,12 @@ This module reads the manifest and the pipeline's lists; it imports nothing from
 from __future__ import annotations
 
 import html
-import os
 import re
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from tunesmith.atomic import atomic_file
 from tunesmith.data import pii
 from tunesmith.records.data import COUNT_ROWS, DataManifest
 
@@ -27,11 +26,8 @@ def reason_class(reason: str) -> str:
 
 
 def _save_png(figure, path: Path) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(handle)
-    figure.savefig(temp, dpi=100, bbox_inches="tight")
-    os.chmod(temp, 0o644)  # mkstemp creates 0600
-    os.replace(temp, path)
+    with atomic_file(path) as temp:
+        figure.savefig(temp, format="png", dpi=100, bbox_inches="tight")
 
 
 def write_charts(out: Path, manifest: DataManifest) -> dict[str, str]:

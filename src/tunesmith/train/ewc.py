@@ -31,13 +31,13 @@ gives bit-identical tensors (a test holds it).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tunesmith.atomic import atomic_file
 from tunesmith.errors import UsageError
 
 FORMAT = "tunesmith-ewc/1"
@@ -88,13 +88,8 @@ class EwcState:
         metadata = {"format": FORMAT, "fisher": "empirical", "examples": str(self.examples),
                     "online": json.dumps(self.online), "gamma": repr(self.gamma),
                     "tasks": json.dumps([t.task for t in self.terms])}
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so the rename is atomic
-        try:
+        with atomic_file(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path) -> EwcState:
