@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from tunesmith.atomic import atomic_dir
 
 REFERENCE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -74,14 +74,9 @@ def ensure_converted(hub_id: str = REFERENCE_ID, log=print) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     detach_gguf_quantizer(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:  # a half-written cache is never seen
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a half-written cache is never seen
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
