@@ -53,10 +53,11 @@ class ActivationEstimate:
     logits_bytes: int  # logits-sized buffers alive at the start of the backward pass
     recompute_bytes: int  # one layer recomputed under gradient checkpointing (0 without)
     seq_effective: int
+    weight_cast_bytes: int = 0  # 16-bit casts of fp32 weights that autocast makes and autograd keeps
 
     @property
     def peak_bytes(self) -> int:
-        return self.saved_bytes + self.logits_bytes + self.recompute_bytes
+        return self.saved_bytes + self.logits_bytes + self.recompute_bytes + self.weight_cast_bytes
 
 
 def layer_elements_per_token(f: ModelFacts, method: MethodConfig) -> float:
@@ -73,30 +74,44 @@ def activation_estimate(
     act_bytes: int,
     gradient_checkpointing: bool,
     labelled_fraction: float = 1.0,
+    autocast: bool = False,
 ) -> ActivationEstimate:
     """Bytes of activations for one micro-batch. act_bytes = 4 (fp32) or 2 (bf16/fp16 compute).
 
     Under 16-bit compute RMSNorm upcasts to fp32, so each of the two norms saves an extra fp32 copy (4h bytes).
+    autocast=True: fp32 weights under 16-bit autocast (tunesmith train on a CPU with native bf16): the layers'
+    bytes come from `Method.layer_autocast_bytes`, the residual stream (checkpointed layer inputs, final norm) stays
+    fp32, every layer keeps its own 16-bit cast of the attention mask, and the weight casts are counted.
     """
     owner = get_method(method.name)
     seq = seq_len + owner.virtual_tokens(method)
     tokens = batch_size * seq
     per_layer = layer_elements_per_token(f, method)
-    norm_upcast = 2 * f.hidden_size * 4 if act_bytes < 4 else 0  # bytes per token per layer
-    layer_bytes = tokens * (per_layer * act_bytes + norm_upcast)
+    if autocast:
+        layer_bytes = tokens * owner.layer_autocast_bytes(f, method)
+        stream_bytes = 4  # the residual stream (and the final norm) stays fp32
+    else:
+        norm_upcast = 2 * f.hidden_size * 4 if act_bytes < 4 else 0  # bytes per token per layer
+        layer_bytes = tokens * (per_layer * act_bytes + norm_upcast)
+        stream_bytes = act_bytes
     if gradient_checkpointing:
-        saved = f.num_layers * tokens * f.hidden_size * act_bytes
+        saved = f.num_layers * tokens * f.hidden_size * stream_bytes
         recompute = int(layer_bytes)
     else:
         saved = int(f.num_layers * layer_bytes)
         recompute = 0
     # Outside the layer stack: the final norm (input, x*rsqrt, output) when its weight trains, else its output.
-    saved += tokens * (3 if owner.trains_base_weights else 1) * f.hidden_size * act_bytes
-    if owner.supports_packing:  # the packed block-diagonal mask, shared by every layer
-        saved += batch_size * seq * seq * act_bytes
+    saved += tokens * (3 if owner.trains_base_weights else 1) * f.hidden_size * stream_bytes
+    mask, per_layer_mask = owner.attention_mask_elements(method, batch_size, seq)
+    if autocast:  # per layer 16-bit casts (one under checkpointing: the recomputed layer's); packing's fp32 original
+        copies = 1 if gradient_checkpointing else f.num_layers
+        saved += mask * 2 * copies + (0 if per_layer_mask else mask * 4)
+    elif mask:
+        saved += mask * act_bytes * (f.num_layers if per_layer_mask and not gradient_checkpointing else 1)
     if owner.selective_logits:
         labelled = math.ceil(labelled_fraction * batch_size * seq_len)
         logits = labelled * f.vocab_size * (3 * 4 + (act_bytes if act_bytes < 4 else 0))
     else:
         logits = tokens * f.vocab_size * (4 * 4 if act_bytes == 4 else 3 * 4 + act_bytes)
-    return ActivationEstimate(per_layer, int(saved), int(logits), recompute, seq)
+    casts = 2 * owner.autocast_weight_casts(f, method, gradient_checkpointing) if autocast else 0
+    return ActivationEstimate(per_layer, int(saved), int(logits), recompute, seq, casts)

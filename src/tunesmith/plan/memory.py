@@ -11,7 +11,8 @@ Terms (P = all parameters, T = trainable parameters):
     master       fp32 master copy (4 bytes * T) under mixed precision when the trained weights are 16-bit
     optimizer    AdamW: two fp32 moments = 8 bytes * T; 8-bit AdamW (bitsandbytes): 2 bytes * T; paged 8-bit: the
                  same bytes, but pages can move to CPU memory under pressure
-    activations  activations.py: saved tensors + logits buffers (+ one recomputed layer under checkpointing)
+    activations  activations.py: saved tensors + logits buffers (+ one recomputed layer under checkpointing);
+                 fp32 weights under 16-bit autocast (CPUs with native bf16) add the 16-bit weight casts autograd keeps
     overhead     framework: CUDA context and kernels (GPU), allocator and runtime scratch (CPU)
 
 Peak (one micro-batch, gradients set to None after each step, as tunesmith's loop does):
@@ -63,6 +64,11 @@ class TrainSetup:
     # (train/loop.py forward_loss). 1.0 (every position, the upper bound) unless the data says otherwise.
     labelled_fraction: float = 1.0
 
+    @property
+    def autocast(self) -> bool:
+        """fp32 weights with 16-bit compute: the trainer runs them under torch.autocast (CPU with native bf16)."""
+        return DTYPE_BYTES[self.weight_dtype] == 4 and DTYPE_BYTES[self.compute_dtype] == 2
+
 
 @dataclass
 class MemoryEstimate:
@@ -110,8 +116,11 @@ def estimate_memory(f: ModelFacts, method: MethodConfig, setup: TrainSetup) -> M
     gradients = n * tbytes
     master = n * 4 if (setup.master_weights and tbytes < 4) else 0
     optimizer = n * optimizer_bytes_per_param(setup.optimizer)
+    # fp32 weights with 16-bit compute = autocast (tunesmith train on a CPU with native bf16: train/loop.py
+    # forward_loss runs under torch.autocast); 16-bit weights compute in their own dtype (GPU plans).
+    autocast = setup.autocast
     act = activation_estimate(f, method, setup.batch_size, setup.seq_len, abytes, setup.gradient_checkpointing,
-                              labelled_fraction=setup.labelled_fraction)
+                              labelled_fraction=setup.labelled_fraction, autocast=autocast)
     activations = act.peak_bytes + owner.extra_activation_bytes(f, method, abytes)
     notes: list[str] = list(frozen.notes)
     # The first gradient of the backward pass is the output layer's (V x h), made while every activation lives.
