@@ -54,6 +54,7 @@ class ActivationEstimate:
     recompute_bytes: int  # one layer recomputed under gradient checkpointing (0 without)
     seq_effective: int
     weight_cast_bytes: int = 0  # 16-bit casts of fp32 weights that autocast makes and autograd keeps
+    forward_layer_bytes: int = 0  # what the layers allocate and keep in one forward pass without checkpointing
 
     @property
     def peak_bytes(self) -> int:
@@ -114,4 +115,4 @@ def activation_estimate(
     else:
         logits = tokens * f.vocab_size * (4 * 4 if act_bytes == 4 else 3 * 4 + act_bytes)
     casts = 2 * owner.autocast_weight_casts(f, method, gradient_checkpointing) if autocast else 0
-    return ActivationEstimate(per_layer, int(saved), int(logits), recompute, seq, casts)
+    return ActivationEstimate(per_layer, int(saved), int(logits), recompute, seq, casts, int(f.num_layers * layer_bytes))

@@ -19,6 +19,8 @@ Peak (one micro-batch, gradients set to None after each step, as tunesmith's loo
     peak = weights + trainable + master + optimizer + overhead
            + max(activations + head gradient,   # start of backward: all saved tensors + first gradients
                  gradients + step temporaries)  # optimizer step: all gradients + AdamW scratch
+           (CPU: + the saved activations in the step branch, whose freed heap glibc keeps resident,
+            + allocator retention = ALLOCATOR_RETENTION x the forward pass's layer allocations, fitted)
 With gradient accumulation the gradients live through the next forward pass, so they are added instead.
 """
 
@@ -43,6 +45,12 @@ DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "fl
 # calibration case (LoRA on the tiny random model, 1 x 128 tokens, whose weights and activations are ~3 MiB):
 # 528 MiB peak RSS on 2026-12-01, so 525 MiB. Only that case sets it; the reported cases are other shapes.
 OVERHEAD_BYTES = {"cuda": int(1.0 * GiB), "cpu": 525 * 1024**2}
+# Heap that glibc's malloc keeps resident after the tensors in it are freed (CPU only; the CUDA caching allocator's
+# slack is the 8% kept free per GPU). With glibc's defaults the mmap threshold rises to the size of freed tensors
+# (up to 32 MiB), so activations come from the heap, which is not returned between the forward and backward passes
+# and fragments: the peak RSS of `tunesmith train` exceeds the live tensors by a share of what the layers allocate
+# in one forward pass (`forward_layer_bytes`; measured 0.13-0.66 of it). FITTED (not derived): see FIT_SET.
+ALLOCATOR_RETENTION = {"cuda": 0.0, "cpu": 0.4}
 
 
 @dataclass
@@ -86,6 +94,7 @@ class MemoryEstimate:
     step_temporaries: int
     quant_constant_bits_per_param: float | None = None
     head_gradient: int = 0  # the output layer's gradient, alive with all activations (full fine-tuning)
+    allocator_retention: int = 0  # CPU: freed heap glibc keeps resident (ALLOCATOR_RETENTION, fitted)
     gradient_accumulation_steps: int = 1
     notes: list[str] = field(default_factory=list)
 
@@ -132,17 +141,21 @@ def estimate_memory(f: ModelFacts, method: MethodConfig, setup: TrainSetup) -> M
     step_temp = 0 if setup.device == "cuda" else largest_trainable * 4 * 2
     overhead = OVERHEAD_BYTES[setup.device]
     persistent = frozen.bytes + trainable + master + optimizer + overhead
+    # CPU: the freed activation heap stays resident through the optimizer step (glibc does not return it), and a
+    # fitted share of the forward pass's layer allocations is lost to retention/fragmentation on top.
+    retained = act.saved_bytes if setup.device == "cpu" else 0
+    retention = int(ALLOCATOR_RETENTION[setup.device] * act.forward_layer_bytes)
     if setup.gradient_accumulation_steps > 1:
-        total = persistent + gradients + max(activations, step_temp)
+        total = persistent + gradients + max(activations, step_temp + retained) + retention
         notes.append("gradient accumulation: gradients live through the forward pass and are added in full")
     else:
-        total = persistent + max(activations + head_grad, gradients + step_temp)
+        total = persistent + max(activations + head_grad, gradients + step_temp + retained) + retention
     return MemoryEstimate(
         method=method.name, trainable_params=n, trainable_formula=count.formula, weights=int(frozen.bytes),
         trainable=int(trainable), gradients=int(gradients), master_weights=int(master), optimizer=int(optimizer),
         activations=int(activations), overhead=overhead, total=int(total), step_temporaries=int(step_temp),
         quant_constant_bits_per_param=frozen.quant_constant_bits_per_param, notes=notes, head_gradient=int(head_grad),
-        gradient_accumulation_steps=setup.gradient_accumulation_steps,
+        gradient_accumulation_steps=setup.gradient_accumulation_steps, allocator_retention=retention,
     )
 
 
