@@ -20,6 +20,24 @@ tests/plan/test_plan_memory.py re-measures them on a tiny model (within 8%). Ele
                    2 * (h + m) with relu
     gradient checkpointing: h per layer (the layer input) + one layer recomputed in the backward pass
 
+Under 16-bit autocast on fp32 weights (`tunesmith train` on a CPU with native bf16: precision auto resolves to bf16
+and train/loop.py forward_loss runs under torch.autocast) the same measurement through the trainer's own
+forward_loss (tests/plan/test_plan_memory.py::test_autocast_formula_matches_saved_tensors, within 8%) gives BYTES
+per token per layer (`Method.layer_autocast_bytes`; kv = q when a 4-D mask makes transformers repeat the key/value
+heads before SDPA: packing and prefixes):
+    frozen core:    4 (2h + a + 2) + 2 (3i + 2q + 2kv)   norms (input, rsqrt), log-sum-exp fp32; MLP/attention bf16
+    full:           4 (4h + a + 2) + 2 (5h + 4i + 2q + 2kv)   every matmul keeps its own bf16 cast of its input
+    LoRA:           core + per target 6 in (dropout: fp32 mask + bf16 cast; without dropout 2 in: A's own cast,
+                    not shared between targets as in fp32) + 2r
+    QLoRA:          LoRA + 2 x 3i (bitsandbytes returns fp32, so gate/silu/up stay fp32; nothing else kept)
+    adapters:       core + 2 x (2h + 2m (+ 2m for gelu/silu))
+    prefix/prompt:  the core (no +2h)
+  + every matmul's fp32 weight cast to bf16 and kept for the backward pass: 2 bytes x (decoder Linear weights +
+    the output layer) (QLoRA: the head only; checkpointing: the head + the recomputed layer's)
+  + the packed 4-D mask: the fp32 original once + a bf16 cast per layer (autocast casts it in every SDPA call);
+    prefix tuning keeps a (batch, 1, seq, prefix + seq) mask per layer
+  + the residual stream (checkpointed layer inputs, the final norm) in fp32.
+
 Logits. The trainer (train/loop.py forward_loss) computes logits only at labelled positions N (those whose next
 token is a target; N = labelled_fraction * batch * seq, all positions when the data is not known): the head
 runs on the selected hidden states, (1, N, vocab). What lives at the start of the backward pass is then the saved

@@ -187,7 +187,7 @@ def sharded_bytes_per_gpu(est: MemoryEstimate, gpus: int, layer_bytes: int, offl
     if offload:
         return int(est.overhead + est.activations + est.head_gradient + 4 * layer_bytes)
     states = (est.weights + est.trainable + est.master_weights + est.optimizer) / gpus
-    persistent = states + est.overhead + 2 * layer_bytes
+    persistent = states + est.overhead + 2 * layer_bytes + est.allocator_retention  # retention: CPU only (0 on GPU)
     if est.gradient_accumulation_steps > 1:
         return int(persistent + est.gradients / gpus + max(est.activations, est.step_temporaries))
     return int(persistent + max(est.activations + est.head_gradient / gpus, est.gradients / gpus + est.step_temporaries))
