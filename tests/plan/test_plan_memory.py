@@ -322,3 +322,30 @@ def test_cpu_plans_follow_the_trainers_precision(monkeypatch):
     assert autocast.weight_cast_bytes == casts
     # mixed 16/32-bit layer activations take less than fp32 ones; the casts come on top
     assert peaks[True].activations - casts < peaks[False].activations < peaks[True].activations
+
+
+def test_cpu_total_adds_heap_retention_gpu_does_not():
+    """CPU budgets are whole-process RSS under glibc malloc: + ALLOCATOR_RETENTION x the forward pass's layer
+    allocations, and the optimizer-step branch keeps the saved activations' heap; GPU plans add neither."""
+    from tunesmith.plan.memory import ALLOCATOR_RETENTION
+
+    facts = model_facts("HuggingFaceTB/SmolLM2-135M-Instruct")
+    method = MethodConfig(name="full")
+    cpu = TrainSetup(batch_size=1, seq_len=256, weight_dtype="fp32", compute_dtype="bf16", device="cpu")
+    est = estimate_memory(facts, method, cpu)
+    act = activation_estimate(facts, method, 1, 256, 2, False, autocast=True)
+    assert act.forward_layer_bytes == 30 * 256 * get_method_bytes(facts, method)
+    assert est.allocator_retention == int(ALLOCATOR_RETENTION["cpu"] * act.forward_layer_bytes) > 0
+    persistent = est.weights + est.trainable + est.optimizer + est.overhead
+    branch = max(est.activations + est.head_gradient, est.gradients + est.step_temporaries + act.saved_bytes)
+    assert est.total == persistent + branch + est.allocator_retention
+    gpu = estimate_memory(facts, method, TrainSetup(batch_size=1, seq_len=256))
+    assert gpu.allocator_retention == 0
+    assert gpu.total == gpu.weights + gpu.trainable + gpu.optimizer + gpu.overhead + max(
+        gpu.activations + gpu.head_gradient, gpu.gradients + gpu.step_temporaries)
+
+
+def get_method_bytes(facts, method) -> float:
+    from tunesmith.methods.registry import get_method
+
+    return get_method(method.name).layer_autocast_bytes(facts, method)
