@@ -116,7 +116,7 @@ def release_checkpoint_mapping(model: nn.Module) -> None:
     into the mapped file. One such view keeps the whole mapping alive, and every page read while quantizing the
     Linear weights stays resident: the process then holds the full-precision checkpoint (538 MB for SmolLM2-135M)
     beside its 4-bit copy for the whole run. Copying the few unquantized tensors drops the mapping (measured on a
-    12-layer SmolLM2-shaped model, 512 tokens: peak RSS 1,520 -> 1,366 MiB). Tied weights stay tied (the shared
+    12-layer SmolLM2-shaped model, 512 tokens: peak RSS 1,519 -> 1,358 MiB). Tied weights stay tied (the shared
     Parameter is copied once). No-op for tensors on a GPU."""
     import torch
 

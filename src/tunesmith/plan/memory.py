@@ -49,7 +49,8 @@ OVERHEAD_BYTES = {"cuda": int(1.0 * GiB), "cpu": 525 * 1024**2}
 # slack is the 8% kept free per GPU). With glibc's defaults the mmap threshold rises to the size of freed tensors
 # (up to 32 MiB), so activations come from the heap, which is not returned between the forward and backward passes
 # and fragments: the peak RSS of `tunesmith train` exceeds the live tensors by a share of what the layers allocate
-# in one forward pass (`forward_layer_bytes`; measured 0.13-0.66 of it). FITTED (not derived): see FIT_SET.
+# in one forward pass (`forward_layer_bytes`; measured 0.13-0.66 of it). FITTED (not derived) on other shapes than
+# the reported ones: docs/benchmarks.md, "Memory estimate", fit set.
 ALLOCATOR_RETENTION = {"cuda": 0.0, "cpu": 0.4}
 
 
