@@ -7,6 +7,9 @@ learned in that order. Strategies, all LoRA (same rank, targets, learning rate, 
     replay       as seq, plus a reservoir replay buffer of earlier tasks' training records mixed into each stage
     ewc          as seq, plus the online-EWC penalty (empirical Fisher, train/ewc.py) of the earlier stages
     progressive  a new adapter per task on top of the frozen earlier ones; task j is evaluated with adapters 1..j
+    olora        as progressive, plus O-LoRA's orthogonality penalty (Wang et al. 2023) between the new adapter's A
+                 and the frozen ones' (--olora-lambda); every task is evaluated with ALL adapters active (no task
+                 identity at test time, as in the paper), so its R[i][j] for j < i is measured, not reused
     merged:C     one adapter per task trained independently from the base, merged with peft combination C
                  (cat = task arithmetic, the exact sum of the deltas; ties = TIES, density 0.5)
     joint        one adapter on the equal-weight mixture of all tasks for T x the steps (the multi-task upper bound)
@@ -40,7 +43,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
-BASE_STRATEGIES = ("seq", "replay", "ewc", "progressive")
+BASE_STRATEGIES = ("seq", "replay", "ewc", "progressive", "olora")
 
 
 def _tasks_module():
@@ -170,7 +173,7 @@ class Bench:
         self.seconds[tag] = round(time.perf_counter() - started, 1)
         last = [json.loads(line) for line in (self.work / "runs" / tag / "metrics.jsonl").read_text().splitlines()][-1]
         _log(f"trained {tag}: {state.step} steps in {self.seconds[tag]} s, last train_loss {last.get('train_loss')}"
-             + (f", ewc_penalty {last['ewc_penalty']:.4g}" if "ewc_penalty" in last else ""))
+             + "".join(f", {k} {last[k]:.4g}" for k in ("ewc_penalty", "orthogonal_penalty") if k in last))
         return state
 
     def save(self, model, name: str, tag: str) -> Path:
@@ -253,6 +256,9 @@ class Bench:
         if "progressive" in R:
             forgetting["progressive"] = self._run_progressive(R["progressive"], first, reused["progressive"])
             finished("progressive")
+        if "olora" in R:
+            forgetting["olora"], extra["olora"] = self._run_olora(R["olora"], first)
+            finished("olora")
         merges = [n for n in R if n.startswith("merged:")]
         if merges:
             independent = [first] + [self._independent(i) for i in range(1, t)]
@@ -354,6 +360,24 @@ class Bench:
                 matrix[i + 1][j] = matrix[j + 1][j]
                 reused.append([i + 1, j])
         return self.forgetting(model, "progressive (all adapters active)")
+
+    def _run_olora(self, matrix, first: Path):
+        from tunesmith.methods.combine import OrthogonalPenalty, activate, add_progressive_adapter, load_stack
+
+        adapters, penalties = {"t1": first}, []
+        for i in range(1, len(self.tasks)):
+            name = f"t{i + 1}"
+            model = load_stack(self.base(), adapters)
+            self.set_seed(self.args.seed)
+            add_progressive_adapter(model, name, self.lora, frozen=list(adapters))
+            penalty = OrthogonalPenalty(self.args.olora_lambda, name, list(adapters))
+            self.train(model, self.tasks[i].train, f"olora{i + 1}", loss_terms=[penalty])
+            penalties.append(float(penalty(model)[1]))
+            adapters[name] = self.save(model, name, f"olora{i + 1}")
+            activate(model, list(adapters))  # all adapters active: no task identity at test time
+            self._eval_row(model, matrix, i, f"olora{i + 1}")
+        return self.forgetting(model, "olora (all adapters active)"), {
+            "lambda": self.args.olora_lambda, "final_penalty_per_stage": penalties}
 
     def _independent(self, i: int) -> Path:
         model = self.fresh()
@@ -487,7 +511,8 @@ def parse(argv: list[str] | None):
     parser.add_argument("--json", action="store_true", help="print the JSON record before the ratio line")
     parser.add_argument("--md", default=None, help="write the tables (with command, commit, machine) into this file")
     parser.add_argument("--model", default=None, help=f"base model (default {REFERENCE}; --quick: a tiny one)")
-    parser.add_argument("--strategies", default="seq,replay,ewc,progressive,merged,joint")
+    parser.add_argument("--strategies", default="seq,replay,ewc,progressive,olora,merged,joint")
+    parser.add_argument("--olora-lambda", type=float, default=0.5, help="O-LoRA orthogonality weight (the paper's 0.5)")
     parser.add_argument("--merges", default=None, help="peft combinations for `merged` (default cat,ties; quick cat)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per task (default 12; quick 2)")
     parser.add_argument("--batch", type=int, default=2, help="packed sequences per step")

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +115,7 @@ def run_one(args) -> dict:
         f"eval.max_examples={args.eval_examples}", f"eval.max_new_tokens={args.max_new_tokens}",
         f"eval.batch_size={args.eval_batch}", f"eval.metrics=[{SCORE_METRIC}, json_valid]",
         "eval.metric_options={closed_fields: [clause_type]}", f"method.name={name}",
-        f"output.dir={args.out}", f"output.name={name}-{args.rate:g}-s{args.seed}", "output.register_run=false",
+        f"output.dir={args.out}", f"output.name={name}-{args.rate:g}-s{args.seed}{'-scored' if args.score else ''}", "output.register_run=false",
         "eval.compare_base=false", *METHOD_OPTIONS[name],
     ])
     summary = run_finetune(config, log=lambda *a, **k: None).to_dict()
@@ -171,7 +172,7 @@ def tiny_model(out: Path) -> str:
 
 
 def child(args, name: str, data: Path, out: Path, rate: float, seed: int, score: bool) -> dict:
-    result = out / f"{name}-{rate:g}-s{seed}.json"
+    result = out / f"{name}-{rate:g}-s{seed}{'-scored' if score else ''}.json"
     command = [sys.executable, __file__, "--one", name, "--data", str(data), "--out", str(out / "runs"),
                "--model", args.model, "--steps", str(args.steps), "--batch", str(args.batch), "--rate", str(rate),
                "--seed", str(seed), "--score", str(int(score)), "--eval-batch", str(args.eval_batch),
@@ -284,6 +285,10 @@ def parse(argv):
     parser.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default 96; quick 8)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per run (1: on the shared 2-core machine two threads ran far slower)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="methods trained at the same time (each its own child processes with --threads threads; "
+                             "workers x threads should not exceed the cores); every method still runs its own grid "
+                             "and seeds one after another")
     parser.add_argument("--md", default=None, help="also write the table with date, commit and machine here")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -328,9 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, (rate, source) in advised.items():
             print(f"{name}: advised LR {rate:g} ({source}); grid {[f'{r:g}' for r in grid(rate, args.grid)]}",
                   file=sys.stderr, flush=True)
-        rows: dict[str, dict] = {}
+        # Methods are independent (own children, own run folders), so --workers runs several at once; results are
+        # kept in the order of --methods.
+        with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+            futures = {name: pool.submit(run_method, args, name, advised[name][0], out / "data", out) for name in methods}
+            rows: dict[str, dict] = {name: futures[name].result() for name in methods}
         for name in methods:
-            rows[name] = run_method(args, name, advised[name][0], out / "data", out)
             rows[name]["merges"] = "yes" if get_method(name).can_merge else ("n/a: is a full model" if name == "full" else "no")
     full_score = rows.get("full", {}).get("test_score")
     for row in rows.values():
@@ -348,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
               f"max_seq_len {args.seq_len}, no packing; LR grid x{', x'.join(f'{f:g}' for f in args.grid)} around each "
               f"method's advised rate, chosen by best validation loss ({args.validation_examples} examples) at seed 0, "
               f"then seeds {SEEDS[0]} and {SEEDS[1]} at it; scores on the first {args.eval_examples} test and ood "
-              f"examples, greedy, {args.max_new_tokens} new tokens"
+              f"examples, greedy, {args.max_new_tokens} new tokens; {args.workers} method(s) at a time, "
+              f"{args.threads} torch thread(s) each (step times are comparable only between runs that shared the "
+              f"machine alike)"
               + (f"; trainable % of the base model's {base_params:,} parameters" if base_params else ""))
     text = table(rows, base_params, sources)
     print(text)

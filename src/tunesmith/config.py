@@ -196,6 +196,9 @@ class ContinualConfig(Section):
     ewc_online: bool = Field(True, description="Online EWC (one summed Fisher); false = one penalty per earlier task.")
     ewc_gamma: float = Field(1.0, gt=0, le=1, description="Online EWC decay of earlier Fishers.")
     store_fisher: bool = Field(False, description="Estimate and store the Fisher even when this run uses no EWC.")
+    orthogonal_lambda: float = Field(
+        0.0, ge=0, description="O-LoRA: with progressive, penalise lambda * sum ||A_frozen A_new^T||^2 (0 = off)."
+    )
 
 
 # -------------------------------------------------------------------------------------------- output

@@ -120,3 +120,43 @@ def test_progressive_adapter_trains_only_the_new_one(two_adapter_dirs):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
     with pytest.raises(MethodError, match="already loaded"):
         add_progressive_adapter(model, "t1", config, frozen=[])
+
+
+def test_orthogonal_penalty_by_hand_zero_when_orthogonal_and_gradcheck(two_adapter_dirs):
+    """O-LoRA's term lam * sum_layers ||A_old A_new^T||_F^2: equal to a loop over the layers by hand, 0 when the new
+    A rows are orthogonal to the frozen ones, no gradient into the frozen adapter, and a correct gradient
+    (torch.autograd.gradcheck in float64 on one layer's pair)."""
+    from tunesmith.methods.combine import OrthogonalPenalty
+
+    t1, _, _ = two_adapter_dirs
+    base, _ = build_tiny_model("llama", seed=0)
+    model = load_stack(base, {"t1": t1})
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights="gaussian")
+    add_progressive_adapter(model, "t2", config, frozen=["t1"])
+    penalty = OrthogonalPenalty(0.5, "t2", ["t1"])
+    name, value = penalty(model)
+    by_hand = 0.0
+    for module_name, module in model.named_modules():
+        if module_name.endswith(tuple(TARGETS)) and hasattr(module, "lora_A"):
+            old, new = module.lora_A["t1"].weight.detach(), module.lora_A["t2"].weight.detach()
+            by_hand += float(sum((old[i] * new[j]).sum() ** 2 for i in range(old.shape[0]) for j in range(new.shape[0])))
+    assert name == "orthogonal_penalty" and by_hand > 0
+    assert float(value) == pytest.approx(0.5 * by_hand, rel=1e-5)
+    value.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if ".t1." in n)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_A.t2." in n)
+    # new rows orthogonal to the frozen rows (project them out): the penalty is 0
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "lora_A") and "t2" in getattr(module, "lora_A", {}):
+                old, new = module.lora_A["t1"].weight, module.lora_A["t2"].weight
+                q, _ = torch.linalg.qr(old.T)  # orthonormal basis of the frozen rows' span
+                new.copy_(new - (new @ q) @ q.T)
+    assert float(penalty(model)[1]) == pytest.approx(0.0, abs=1e-8)
+    old = torch.randn(2, 6, dtype=torch.float64)
+    new = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: (old @ a.T).pow(2).sum(), (new,))
+    with pytest.raises(MethodError, match="frozen adapter"):
+        OrthogonalPenalty(1.0, "t2", [])
+    with pytest.raises(MethodError, match="no LoRA layer"):
+        OrthogonalPenalty(1.0, "nope", ["t1"]).pairs(model)

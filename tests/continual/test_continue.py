@@ -144,6 +144,22 @@ def test_progressive_run_trains_a_new_adapter_on_the_frozen_parent(world):
     assert summary["trainable_params"] == json.loads((runs / "a" / "summary.json").read_text())["trainable_params"]
 
 
+def test_olora_run_logs_its_orthogonality_penalty_and_needs_progressive(world):
+    """O-LoRA: a progressive child with continual.orthogonal_lambda logs orthogonal_penalty beside train_loss (> 0:
+    a fresh adapter is not orthogonal to its parent's); without progressive it is refused before anything is written."""
+    runs = world["runs"]
+    run_continual(world["config"]("o", "dates", "continual.continue_from=a@1", "continual.progressive=true",
+                                  "continual.orthogonal_lambda=0.1", "method.lora.init=gaussian"), log=lambda *a: None)
+    records = [json.loads(line) for line in (runs / "o" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "orthogonal_penalty" in r]
+    assert logged and all(r["orthogonal_penalty"] >= 0 for r in logged) and "train_loss" in logged[0]
+    before = _listing(runs)
+    with pytest.raises(ContinueError, match="progressive"):
+        run_continual(world["config"]("o2", "dates", "continual.continue_from=a@1", "continual.orthogonal_lambda=0.1"),
+                      log=lambda *a: None)
+    assert _listing(runs) == before
+
+
 def test_full_fine_tuning_continues_with_ewc_over_all_trained_weights(world):
     """Full FT: the child loads the parent's weights (first penalty exactly 0) and EWC covers every trained weight."""
     from tunesmith.train.ewc import EwcState

@@ -59,7 +59,8 @@ def test_materialize_mixes_by_weight_and_keeps_tasks_separate_for_eval(tmp_path,
         test = read_conversations(prepared.eval.splits[name][0])
         assert all(c.messages[0]["content"] == module.TASKS[name]["system_prompt"] for c in test)
         assert all(c.messages[1]["content"].startswith(module.TASKS[name]["prefix"] + " ") for c in test)
-    assert len(read_conversations(prepared.data.validation[0])) == 6
+    assert [Path(f).name for f in prepared.data.validation] == ["validation-extract.jsonl", "validation-risk.jsonl"]
+    assert [len(read_conversations(f)) for f in prepared.data.validation] == [3, 3]
     assert config.data.train == []  # the caller's config is not modified
 
 
@@ -121,7 +122,36 @@ def test_bench_quick_runs_and_holds_its_invariants(tmp_path):
     lines = out.stdout.strip().splitlines()
     assert lines[-1].startswith("ratio=")
     result = json.loads(lines[-2])
-    assert set(result["strategies"]) == {"seq", "replay", "ewc", "progressive", "merged:cat", "joint"}
+    assert set(result["strategies"]) == {"seq", "replay", "ewc", "progressive", "olora", "merged:cat", "joint"}
     assert result["extra"]["merged:cat"]["exact"] and result["extra"]["merged:cat"]["max_abs_logit_diff"] < 1e-4
     table = (tmp_path / "table.md").read_text()
     assert "| strategy |" in table and "BWT" in table and "Command:" in table
+
+
+def test_multitask_run_logs_a_validation_loss_per_task(tmp_path, tiny_model_dir, tasks):
+    """eval_loss/<task> for every task, and eval_loss = their mean weighted by each task's target tokens (counted
+    here from the task's own validation file)."""
+    from tunesmith.recipes.continual import run_continual
+
+    config = _datasets_config(tmp_path, tiny_model_dir, tasks, "train.max_steps=2", "train.batch_size=2",
+                              "train.eval_steps=2", "train.show_progress=false", "train.precision=fp32",
+                              "data.max_seq_len=1024", "method.lora.r=2", "eval.metrics=[]")
+    run_continual(config, log=lambda *a: None)
+    run_dir = tmp_path / "runs" / "mt"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_loss" in r]
+    assert evals, "no evaluation was logged"
+    last = evals[-1]
+    assert {"eval_loss/extract", "eval_loss/risk"} <= set(last)
+    # eval_loss = sum over tasks of loss_t * n_t / sum n_t, n_t = the target tokens of that task's validation file
+    from tunesmith.data.render import render_dataset
+    from tunesmith.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model, log=lambda *a: None)
+    counts = {}
+    for task in ("extract", "risk"):
+        examples, _ = render_dataset(tokenizer, read_conversations(run_dir.parent / "mt.inputs" / f"validation-{task}.jsonl"), 1024)
+        counts[task] = sum(e.target_tokens for e in examples)
+    expected = sum(last[f"eval_loss/{t}"] * n for t, n in counts.items()) / sum(counts.values())
+    assert last["eval_loss"] == pytest.approx(expected, abs=2e-6)
+    assert last["eval_loss/extract"] != last["eval_loss/risk"]

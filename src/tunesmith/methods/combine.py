@@ -7,6 +7,12 @@ et al. 2023) trains adapter K on top of the frozen adapters 1..K-1: only adapter
 keeps its own weights and is saved in its own PEFT folder, and evaluating task j uses adapters 1..j (the task's
 identity is known at test time), so earlier tasks cannot be forgotten by construction.
 
+O-LoRA (Wang et al. 2023, "Orthogonal Subspace Learning for Language Model Continual Learning") adds to the new
+adapter's loss lambda * sum over LoRA layers and frozen adapters i of ||A_i A_new^T||_F^2 (peft's lora_A weight is
+r x in, so A_i A_new^T is the r_i x r_new matrix of inner products between the two adapters' input subspaces): the
+new task learns in directions orthogonal to the earlier tasks', so all adapters can stay active at inference with
+no task identity (`OrthogonalPenalty`; the paper's extra L2 term on the new adapter is not included).
+
 Merging reuses peft's `add_weighted_adapter` (no merge arithmetic is re-implemented here):
 - `cat`: A = concat_k(w_k s_k A_k), B = concat_k(B_k), rank sum_k r_k, scaling 1, so B A = sum_k w_k s_k B_k A_k:
   with weights 1 this is exactly the stacked model (task arithmetic, Ilharco et al. 2023, on LoRA deltas).
@@ -94,6 +100,34 @@ def add_progressive_adapter(model: PeftModel, name: str, lora_config, frozen: li
     model.add_adapter(name, lora_config)
     activate(model, [*frozen, name], trainable=[name])
     return model
+
+
+class OrthogonalPenalty:
+    """A loss term for LoopContext.loss_terms: term(model) -> ("orthogonal_penalty", lam * sum ||A_i A_new^T||_F^2)
+    over every LoRA layer that holds both the new adapter and a frozen one (the frozen A's carry no gradient)."""
+
+    name = "orthogonal_penalty"
+
+    def __init__(self, lam: float, new: str, frozen: list[str]):
+        if not frozen:
+            raise MethodError("the orthogonality penalty needs at least one frozen adapter to be orthogonal to")
+        self.lam, self.new, self.frozen = lam, new, list(frozen)
+
+    def pairs(self, model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(frozen A, new A) for every LoRA layer and frozen adapter; raises if the new adapter is nowhere."""
+        out = []
+        for module in getattr(model, "module", model).modules():
+            lora_a = getattr(module, "lora_A", None)
+            if not isinstance(lora_a, torch.nn.ModuleDict) or self.new not in lora_a:
+                continue
+            out += [(lora_a[old].weight.detach(), lora_a[self.new].weight) for old in self.frozen if old in lora_a]
+        if not out:
+            raise MethodError(f"no LoRA layer holds both adapter {self.new!r} and one of {self.frozen}")
+        return out
+
+    def __call__(self, model) -> tuple[str, torch.Tensor]:
+        total = sum((old.float() @ new.float().T).pow(2).sum() for old, new in self.pairs(model))
+        return self.name, self.lam * total
 
 
 def merge_adapters(model: PeftModel, names: list[str], new_name: str, combination: str = "cat",

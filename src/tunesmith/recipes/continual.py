@@ -185,7 +185,7 @@ def _load_parent_weights(parent: Parent, progressive: bool):
             from tunesmith.methods.combine import activate
 
             stack = _parent_stack(parent)
-            for index, folder in enumerate(stack):
+            for index, folder in enumerate(stack):  # named frozen1..N (OrthogonalPenalty relies on these names)
                 model.load_adapter(folder, adapter_name=f"frozen{index + 1}", is_trainable=False)
             frozen = [f"frozen{i + 1}" for i in range(len(stack))]
             activate(model, [*frozen, "default"], trainable=["default"])
@@ -273,10 +273,13 @@ def run_continual(config: RunConfig, resume: bool = False, log=print):
     parent = resolve_parent(options.continue_from, config.output.registry_url) if options.continue_from else None
     if parent is not None:
         check_continuation(config, parent)
+        if options.orthogonal_lambda and not options.progressive:
+            raise ContinueError("continual.orthogonal_lambda (O-LoRA) needs continual.progressive=true: the new adapter "
+                                "is kept orthogonal to the parent's frozen ones")
         if options.progressive and config.method.name not in ("lora", "qlora"):
             raise ContinueError(f"continual.progressive: stacking adapters needs LoRA, not {config.method.name}")
-    if parent is None and (options.ewc_lambda or options.replay_share or options.progressive):
-        raise ContinueError("continual.ewc_lambda / replay_share / progressive need continual.continue_from "
+    if parent is None and (options.ewc_lambda or options.replay_share or options.progressive or options.orthogonal_lambda):
+        raise ContinueError("continual.ewc_lambda / replay_share / progressive / orthogonal_lambda need continual.continue_from "
                             "(--continue-from NAME@VERSION or a run directory)")
     parent_buffer = previous_fisher = None
     if parent is not None and (options.replay_share or options.replay_size):
@@ -301,6 +304,11 @@ def run_continual(config: RunConfig, resume: bool = False, log=print):
     if options.ewc_lambda:
         penalty = EwcPenalty(previous_fisher, options.ewc_lambda)
         loss_terms.append(_checked(penalty))
+    if options.orthogonal_lambda:
+        from tunesmith.methods.combine import OrthogonalPenalty
+
+        frozen = [f"frozen{i + 1}" for i in range(len(_parent_stack(parent)))]  # the names _load_parent_weights gives
+        loss_terms.append(OrthogonalPenalty(options.orthogonal_lambda, "default", frozen))
     init = _load_parent_weights(parent, options.progressive) if parent is not None else None
     summary = run_finetune(prepared, resume, log, init_model=init, extra_callbacks=callbacks,
                            loss_terms=loss_terms)

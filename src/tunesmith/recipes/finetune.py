@@ -66,6 +66,7 @@ class TrainingData:
     train_packs: list[Pack]
     val_packs: list[Pack]
     manifest: dict[str, Any]
+    val_groups: dict[str, list[Pack]] | None = None  # per task, for multi-task runs
 
 
 def run_finetune(config: RunConfig, resume: bool = False, log=print, *, init_model: InitModel | None = None,
@@ -149,7 +150,8 @@ def training_data(run: FinetuneRun) -> TrainingData:
     train_examples, train_stats = render_dataset(run.tokenizer, train_conversations, max_len, truncation)
     val_examples, val_stats = render_dataset(run.tokenizer, validation, max_len, truncation)
     pack = (lambda ex: pack_examples(ex, max_len)) if config.data.packing else single_packs
-    train_packs, val_packs = pack(train_examples), pack(val_examples)
+    train_packs, val_groups = pack(train_examples), _validation_groups(list(config.data.validation or []), val_examples, pack)
+    val_packs = [p for packs in val_groups.values() for p in packs]
     if not train_packs:
         raise ConfigError("data.train: no trainable examples after rendering (see data_manifest.json)")
     manifest.update(render={"train": train_stats.as_dict(), "validation": val_stats.as_dict()},
@@ -158,7 +160,21 @@ def training_data(run: FinetuneRun) -> TrainingData:
     if run.main:
         write_json(run_dir / "data_manifest.json", manifest)
         _report_truncation(train_stats, val_stats, run.log)
-    return TrainingData(train_packs, val_packs, manifest)
+    return TrainingData(train_packs, val_packs, manifest, val_groups if len(val_groups) > 1 else None)
+
+
+def _validation_groups(files: list[str], examples, pack) -> dict[str, list[Pack]]:
+    """Validation packs per validation file when the run names several (multi-task runs write one per task:
+    validation-<task>.jsonl), each file packed on its own so that no pack mixes them; else one group "all"."""
+    if len(files) < 2:
+        return {"all": pack(examples)}
+    names = {str(Path(f).resolve()): Path(f).stem.removeprefix("validation-") for f in files}
+    if len(set(names.values())) < len(names):  # the same stem in two folders: name the groups by path
+        names = {f: f for f in names}
+    groups: dict[str, list] = {name: [] for name in names.values()}
+    for example in examples:
+        groups.setdefault(names.get(str(Path(example.source).resolve()), "other"), []).append(example)
+    return {name: pack(group) for name, group in groups.items() if group}
 
 
 def build_model(run: FinetuneRun, init_model: InitModel | None) -> tuple[Any, dict[str, Any] | None]:
@@ -186,7 +202,7 @@ def train_model(run: FinetuneRun, model, data: TrainingData, resume: bool, callb
     ctx = LoopContext(config.train, run.run_dir, run.tokenizer.pad_token_id,
                       block_mask=config.data.packing and attn != "flash_attention_2", precision=run.precision,
                       accelerator=run.accelerator, method=method, tokenizer=run.tokenizer, callbacks=callbacks,
-                      log=run.log, loss_terms=list(loss_terms or []))
+                      log=run.log, loss_terms=list(loss_terms or []), val_groups=data.val_groups)
     trainable = method.trainable_parameter_count(model)
     total = sum(p.numel() for p in model.parameters())
     run.log(f"{method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), "

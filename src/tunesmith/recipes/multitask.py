@@ -5,7 +5,7 @@ system_prompt) instead of data.train. `materialize` turns that into what the fin
     inputs/train.jsonl        the weighted mixture (data/mixing.py: apportioned counts, without replacement
                               within a task, shuffled), plus data.general at data.general_share and the parent's
                               replay buffer at continual.replay_share
-    inputs/validation.jsonl   every task's validation records, task-formatted
+    inputs/validation-<task>.jsonl   each task's validation records, task-formatted (a validation loss per task)
     inputs/test-<task>.jsonl  every task's test records, task-formatted; evaluated as the split `<task>`, so
                               `eval` reports every metric per task
 The inputs folder is `<output.dir>/<name>.inputs/` (beside the run directory, which the recipe creates itself);
@@ -71,14 +71,15 @@ def materialize(config: RunConfig, replay: list[Conversation] | None = None,
     folder = inputs_dir(config)
     folder.mkdir(parents=True, exist_ok=True)
     new = config.model_copy(deep=True)
-    sources, validation, tests = [], [], {}
+    sources, validation, tests = [], {}, {}
     tasks = data.datasets or [TaskDataset(name="train", train=data.train, validation=data.validation, test=data.test)]
     for task in tasks:
         if not task.train:
             raise ConfigError(f"data.datasets[{task.name}].train: no training files")
         splits = task_splits(task, data.format)
         sources.append(TaskSource(task.name, splits["train"], task.weight, origin="dataset"))
-        validation.extend(splits["validation"])
+        if splits["validation"]:
+            validation[task.name] = splits["validation"]
         if splits["test"]:
             tests[task.name] = splits["test"]
     if data.general_share:
@@ -89,9 +90,12 @@ def materialize(config: RunConfig, replay: list[Conversation] | None = None,
     report["replayed_from"] = replay_counts(mixed)
     write_conversations(folder / "train.jsonl", mixed)
     new.data.train = [str((folder / "train.jsonl").resolve())]
-    if validation:
-        write_conversations(folder / "validation.jsonl", validation)
-        new.data.validation = [str((folder / "validation.jsonl").resolve())]
+    if validation:  # one file per task: the trainer logs eval_loss/<task> per validation file (recipes/finetune.py)
+        new.data.validation = []
+        for name, records in validation.items():
+            path = folder / (f"validation-{name}.jsonl" if data.datasets else "validation.jsonl")
+            write_conversations(path, records)
+            new.data.validation.append(str(path.resolve()))
     if data.datasets:
         new.data.test = []
         for name, records in tests.items():

@@ -80,6 +80,9 @@ class LoopContext:
     log: Any = print
     # Extra loss terms: term(model) -> (name, scalar tensor), model = the unwrapped model (see the module docstring).
     loss_terms: list[Callable[[Any], tuple[str, torch.Tensor]]] = field(default_factory=list)
+    # Multi-task runs: the validation packs of each task (packed per task, so no pack mixes tasks). Every
+    # evaluation then logs eval_loss/<task> beside eval_loss, the token-weighted loss over all of them.
+    val_groups: dict[str, list[Pack]] | None = None
 
 
 def output_head(model) -> torch.nn.Module | None:
@@ -192,7 +195,13 @@ def all_reduce_sum(accelerator, values: list[float]) -> list[float]:
 
 
 def evaluate_loss(model, ctx: LoopContext, packs: list[Pack]) -> float:
-    """Token-weighted mean loss over `packs`, sharded over processes.
+    """Token-weighted mean loss over `packs` (see evaluate_loss_sum)."""
+    total, count = evaluate_loss_sum(model, ctx, packs)
+    return total / max(count, 1)
+
+
+def evaluate_loss_sum(model, ctx: LoopContext, packs: list[Pack]) -> tuple[float, float]:
+    """Summed loss and target-token count over `packs`, sharded over processes.
 
     Every process runs the same number of forwards (a process with fewer packs repeats its first batch and drops
     the result): under FSDP each forward is a collective (parameter all-gathers), so uneven counts would hang.
@@ -212,7 +221,7 @@ def evaluate_loss(model, ctx: LoopContext, packs: list[Pack]) -> float:
                 count += n
     model.train()
     total, count = all_reduce_sum(acc, [total, float(count)])
-    return total / max(count, 1)
+    return total, count
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
@@ -417,7 +426,13 @@ def accumulate_gradients(model, ctx: LoopContext, micro_packs: list[list[Pack]],
 
 def _evaluate(model, unwrapped, ctx: LoopContext, val_packs, state: TrainState, record: dict[str, Any]) -> None:
     cfg = ctx.config
-    eval_loss = evaluate_loss(model, ctx, val_packs)
+    if ctx.val_groups and len(ctx.val_groups) > 1:
+        sums = {task: evaluate_loss_sum(model, ctx, packs) for task, packs in ctx.val_groups.items()}
+        for task, (total, count) in sums.items():
+            record[f"eval_loss/{task}"] = round(total / max(count, 1), 6)
+        eval_loss = sum(t for t, _ in sums.values()) / max(sum(c for _, c in sums.values()), 1)
+    else:
+        eval_loss = evaluate_loss(model, ctx, val_packs)
     record["eval_loss"] = round(eval_loss, 6)
     improved = state.best_eval_loss is None or eval_loss < state.best_eval_loss - cfg.early_stopping_threshold
     if improved:
