@@ -11,10 +11,13 @@ of ~0.7 x seq tokens, an assistant turn of ~0.5 x seq: truncation keeps ~0.3 x s
 data_manifest.json reports). The planner is told the labelled share the run's own manifest reports (a property of
 the data, not a fitted number).
 
-Nothing is fitted on the reported cases. The planner's only constant that depends on this machine, its CPU
-runtime overhead (plan/memory.py OVERHEAD_BYTES["cpu"]), was set from the calibration case: LoRA on the tiny
-random model (models/tiny.py), 1 x 128 tokens, where weights and activations are negligible. The calibration case
-runs again here and is reported apart; the reported cases use other shapes and the reference model.
+Nothing is fitted on the reported cases. The planner's two constants that depend on this machine's runtime were
+set on other shapes: its CPU runtime overhead (plan/memory.py OVERHEAD_BYTES["cpu"]) from the calibration case, LoRA
+on the tiny random model (models/tiny.py), 1 x 128 tokens, where weights and activations are negligible; and glibc's
+heap retention (plan/memory.py ALLOCATOR_RETENTION["cpu"]) from the fit set: `--mini-layers 12` (a random model
+with the reference model's shapes but 12 layers) at 256/512/1024 tokens, and the reference model at 512 tokens (see
+docs/benchmarks.md). The calibration case runs again here and is reported apart; the reported cases use other shapes
+(the reference model at 256 and 1024 tokens).
 
 Cases (default): six methods x sequence lengths 256, 1024 x micro-batches 1, 2, + LoRA with gradient checkpointing
 at the same shapes. `--budget-check` also writes a config with `tunesmith plan --write` for a memory budget below
@@ -22,7 +25,7 @@ the default configuration's planned peak, trains it, and checks the measured pea
 `--quick` runs the tiny model only (calibration + one LoRA case, 2 x 256), for the test.
 
     nice python bench/memory_accuracy.py [--methods lora,full] [--seq-lens 256,1024] [--batch-sizes 1,2]
-        [--steps 3] [--budget-check] [--json] [--quick]
+        [--steps 3] [--budget-check] [--json] [--quick] [--mini-layers N]
 
 Summary line: `ratio=` measured/predicted per case and the worst relative error (predicted - measured)/measured.
 """
@@ -172,6 +175,27 @@ def run_case(case: dict, work: Path, threads: int, log) -> dict:
     return row
 
 
+def mini_model(reference: str, layers: int, out: Path) -> Path:
+    """A random-weight model with `reference`'s configuration (widths, heads, vocabulary, tokenizer) but `layers`
+    decoder layers, saved to `out` (seeded: the same weights every time)."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunesmith.models.reference import cached_path
+
+    source = cached_path(reference) if cached_path(reference).exists() else Path(reference)
+    config = AutoConfig.from_pretrained(str(source))
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
+    for path in source.iterdir():
+        if "token" in path.name or path.name in ("chat_template.jinja", "generation_config.json"):
+            shutil.copy(path, out / path.name)
+    return out
+
+
 # ----------------------------------------------------------------------------------------- budget check
 def budget_check(model: str, tokenizer, work: Path, threads: int, steps: int, seq_len: int, log) -> dict:
     """Issue 19's check: a budget below the default configuration's planned peak -> `tunesmith plan --write` ->
@@ -260,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-check", action="store_true", help="also run issue 19's budget check (LoRA)")
     parser.add_argument("--budget-seq-len", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="tiny random model: calibration + one case")
+    parser.add_argument("--mini-layers", type=int, default=0, metavar="N",
+                        help="instead of --model: a random model with the reference model's shapes and N layers "
+                             "(the fit set's model for the planner's heap-retention constant)")
     parser.add_argument("--work", help="keep runs here (default: a temporary folder)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -287,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         from tunesmith.models.load import resolve_source  # noqa: F401 - the reference model must be installed
         from tunesmith.models.reference import cached_path
 
-        model = args.model
+        model = str(mini_model(args.model, args.mini_layers, work / f"mini-{args.mini_layers}")) if args.mini_layers else args.model
         source = cached_path(model) if cached_path(model).exists() else Path(model)
         tokenizer = AutoTokenizer.from_pretrained(str(source))
         seq_lens = [int(s) for s in args.seq_lens.split(",")]
@@ -326,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"model": model, "steps": steps, "threads": args.threads, "calibration": calibration, "cases": rows,
               "summary": summarize(rows),
               "protocol": "whole-process peak RSS (os.wait4 ru_maxrss) of `python -m tunesmith.cli train` per case vs "
-                          "plan/report.planned_peak for the same config; glibc malloc defaults; fit set = calibration "
-                          "case only (tiny model), reported set = the cases"}
+                          "plan/report.planned_peak for the same config; glibc malloc defaults; fit set = the calibration "
+                          "case (tiny model: CPU overhead) and, for the heap-retention constant, --mini-layers 12 at "
+                          "256/512/1024 tokens + the reference model at 512 tokens; reported set = the cases"}
     if args.budget_check and not args.quick:
         report["budget_check"] = budget_check(model, tokenizer, work, args.threads, args.steps, args.budget_seq_len, log)
     if args.json:

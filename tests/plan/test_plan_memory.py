@@ -3,6 +3,8 @@ byte arithmetic done by hand), plus the field's seed figures for a 70B model."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -181,3 +183,169 @@ def test_checkpointing_cuts_activations():
     assert half.logits_bytes == 2 * 2048 * 128256 * 14
     prompt = activation_estimate(facts, MethodConfig(name="prompt"), 4, 2048, 2, True, labelled_fraction=0.5)
     assert prompt.logits_bytes == 4 * (2048 + 20) * 128256 * 14  # full-logits path: every position, always
+
+
+AUTOCAST_CASES = [
+    ("full", {}, False),
+    ("lora", {"lora": {"r": 8, "target_modules": "all-linear"}}, False),
+    ("lora", {"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"], "dropout": 0.0}}, False),
+    ("prompt", {"prompt": {"num_virtual_tokens": 4}}, False),
+    ("prefix", {"prefix": {"num_virtual_tokens": 4}}, False),
+    ("adapters", {"adapters": {"reduction_factor": 4}}, False),
+    ("full", {}, True),
+    ("lora", {"lora": {"r": 8, "target_modules": "all-linear"}}, True),
+]
+
+
+@pytest.mark.parametrize("name,options,ckpt", AUTOCAST_CASES, ids=lambda v: str(v)[:40])
+def test_autocast_formula_matches_saved_tensors(name, options, ckpt):
+    """fp32 weights under CPU bf16 autocast, as `tunesmith train` runs on CPUs with native bf16: the tensors
+    autograd keeps through the trainer's own forward_loss (selective logits, packing's 4-D mask where the method
+    packs), counted by saved_tensors_hooks (unique storages, parameters excluded, so the 16-bit weight casts count)
+    against activation_estimate(autocast=True): saved + weight casts + the saved log-softmax output."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunesmith.data.pack import Pack, collate
+    from tunesmith.data.render import Example
+    from tunesmith.methods.registry import get_method
+    from tunesmith.train.loop import forward_loss
+
+    vocab, batch, seq = 200, 2, 40
+    hf = AutoConfig.for_model("llama", hidden_size=48, intermediate_size=112, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=16, num_hidden_layers=6, vocab_size=vocab, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+    facts = facts_from_config(model.config.to_dict())
+    method = MethodConfig.model_validate({"name": name, **options})
+    owner = get_method(name)
+    model = owner.apply(model, method)
+    if ckpt:
+        owner.enable_gradient_checkpointing(model)
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    labelled = seq - int(0.7 * seq)
+    packs = []
+    for _ in range(batch):
+        ids = torch.randint(0, vocab, (seq,), generator=generator).tolist()
+        packs.append(Pack([Example(ids, [-100] * (seq - labelled) + ids[seq - labelled:])]))
+    inputs = collate(packs, 0, block_mask=owner.supports_packing)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward_loss(model, owner, inputs, "bf16", torch.device("cpu"))
+    measured = sum(seen.values())
+    share = (labelled - 1) / seq  # the first label of every example is dropped (pack.collate)
+    est = activation_estimate(facts, method, batch, seq, 2, ckpt, labelled_fraction=share, autocast=True)
+    if owner.selective_logits:
+        log_softmax = math.ceil(share * batch * seq) * vocab * 4
+    else:
+        log_softmax = batch * (est.seq_effective - 1) * vocab * 4
+    predicted = est.saved_bytes + est.weight_cast_bytes + log_softmax
+    if ckpt:  # the hooks see the forward pass: not the recomputed layer's mask cast and weight casts (backward)
+        predicted -= batch * seq * seq * (4 + 2) + 2 * 25344
+    assert predicted == pytest.approx(measured, rel=0.08)
+    # fp32 weights under autocast keep 16-bit casts of every matmul weight (decoder Linears + head), ckpt: head + 1
+    assert est.weight_cast_bytes == 2 * ((48 * 200) + (25344 if ckpt else 6 * 25344))
+
+
+def test_qlora_autocast_formula_matches_saved_tensors(tmp_path):
+    """QLoRA on the CPU under bf16 autocast (bitsandbytes' CPU 4-bit path): LoRA's terms + the MLP kept in fp32
+    (4-bit layers return their input's dtype), and only the head's weight cast."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunesmith.config import ModelConfig
+    from tunesmith.data.pack import Pack, collate
+    from tunesmith.data.render import Example
+    from tunesmith.methods.registry import get_method
+    from tunesmith.models.load import load_model
+    from tunesmith.train.loop import forward_loss
+
+    vocab, batch, seq = 256, 2, 40
+    hf = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=24, num_hidden_layers=4, vocab_size=vocab, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(hf, dtype=torch.float32).save_pretrained(tmp_path)
+    method = MethodConfig.model_validate({"name": "qlora", "lora": {"r": 8}})
+    owner = get_method("qlora")
+    model = owner.apply(load_model(ModelConfig(name_or_path=str(tmp_path), dtype="float32"), log=lambda *a: None,
+                                   **owner.base_load_kwargs(method)), method)
+    model.train()
+    facts = facts_from_config(hf.to_dict())
+    generator = torch.Generator().manual_seed(0)
+    labelled = seq - int(0.7 * seq)
+    packs = [Pack([Example(ids, [-100] * (seq - labelled) + ids[seq - labelled:])])
+             for ids in (torch.randint(0, vocab, (seq,), generator=generator).tolist() for _ in range(batch))]
+    inputs = collate(packs, 0, block_mask=True)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward_loss(model, owner, inputs, "bf16", torch.device("cpu"))
+    share = (labelled - 1) / seq
+    est = activation_estimate(facts, method, batch, seq, 2, False, labelled_fraction=share, autocast=True)
+    assert est.weight_cast_bytes == 2 * vocab * 64  # the (tied) head only
+    predicted = est.saved_bytes + est.weight_cast_bytes + math.ceil(share * batch * seq) * vocab * 4
+    assert predicted == pytest.approx(sum(seen.values()), rel=0.08)
+
+
+def test_cpu_plans_follow_the_trainers_precision(monkeypatch):
+    """A CPU plan plans what `tunesmith train` does on this CPU: bf16 autocast on fp32 weights where bf16 is native
+    (fewer activation bytes, + the weight casts), fp32 elsewhere; GPU plans are unchanged (bf16 weights)."""
+    from tunesmith.models import hardware
+    from tunesmith.plan.solve import Budget, Knobs, Start, evaluate, train_dtypes
+
+    facts = model_facts("HuggingFaceTB/SmolLM2-135M-Instruct")
+    knobs = Knobs(False, 1, 1, "adamw", 512, "single", 1)
+    peaks = {}
+    for native in (True, False):
+        monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda native=native: native)
+        assert train_dtypes("cpu") == ("fp32", "bf16" if native else "fp32")
+        assert train_dtypes("cpu", precision="fp32") == ("fp32", "fp32")
+        assert train_dtypes("cuda") == ("bf16", "bf16")
+        est, peak, _ = evaluate(facts, MethodConfig(name="lora"), knobs, Budget("cpu", 64 * GiB), Start(seq_len=512))
+        peaks[native] = est
+    casts = 2 * (49152 * 576 + sum(m.weight_params for m in facts.decoder_linears()))
+    autocast = activation_estimate(facts, MethodConfig(name="lora"), 1, 512, 2, False, autocast=True)
+    assert autocast.weight_cast_bytes == casts
+    # mixed 16/32-bit layer activations take less than fp32 ones; the casts come on top
+    assert peaks[True].activations - casts < peaks[False].activations < peaks[True].activations
+
+
+def test_cpu_total_adds_heap_retention_gpu_does_not():
+    """CPU budgets are whole-process RSS under glibc malloc: + ALLOCATOR_RETENTION x the forward pass's layer
+    allocations, and the optimizer-step branch keeps the saved activations' heap; GPU plans add neither."""
+    from tunesmith.plan.memory import ALLOCATOR_RETENTION
+
+    facts = model_facts("HuggingFaceTB/SmolLM2-135M-Instruct")
+    method = MethodConfig(name="full")
+    cpu = TrainSetup(batch_size=1, seq_len=256, weight_dtype="fp32", compute_dtype="bf16", device="cpu")
+    est = estimate_memory(facts, method, cpu)
+    act = activation_estimate(facts, method, 1, 256, 2, False, autocast=True)
+    assert act.forward_layer_bytes == 30 * 256 * get_method_bytes(facts, method)
+    assert est.allocator_retention == int(ALLOCATOR_RETENTION["cpu"] * act.forward_layer_bytes) > 0
+    persistent = est.weights + est.trainable + est.optimizer + est.overhead
+    branch = max(est.activations + est.head_gradient, est.gradients + est.step_temporaries + act.saved_bytes)
+    assert est.total == persistent + branch + est.allocator_retention
+    gpu = estimate_memory(facts, method, TrainSetup(batch_size=1, seq_len=256))
+    assert gpu.allocator_retention == 0
+    assert gpu.total == gpu.weights + gpu.trainable + gpu.optimizer + gpu.overhead + max(
+        gpu.activations + gpu.head_gradient, gpu.gradients + gpu.step_temporaries)
+
+
+def get_method_bytes(facts, method) -> float:
+    from tunesmith.methods.registry import get_method
+
+    return get_method(method.name).layer_autocast_bytes(facts, method)

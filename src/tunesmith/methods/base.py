@@ -6,7 +6,8 @@ A method owns all of itself (peft's one-folder-per-method pattern, `register_pef
     (`save`; PEFT's layout where peft implements the method), restore it onto a fresh base (`load`);
   - planning terms from model facts alone, which `plan/` sums without knowing any method by name:
     `trainable_count` (exact trainable parameters and the formula), `layer_activation_elements` (what autograd
-    saves per token in one decoder layer), `frozen_weight_bytes`, `extra_activation_bytes`, `virtual_tokens`;
+    saves per token in one decoder layer), `layer_autocast_bytes` (the same under 16-bit autocast on fp32 weights,
+    in bytes), `autocast_weight_casts`, `attention_mask_elements`, `frozen_weight_bytes`, `extra_activation_bytes`, `virtual_tokens`;
   - merge/export behaviour (`can_merge`, `merge_refusal`, `merge_compared_to`, `export_pair`, `merge`).
 The trainer checkpoints the trainable parameters generically (by name, as safetensors), so methods need no
 checkpoint code of their own.
@@ -84,6 +85,17 @@ def frozen_core_elements(f: ModelFacts) -> float:
     return 2 * h + 2 * q + 3 * i + 2 * k + a + 2
 
 
+def frozen_core_autocast_bytes(f: ModelFacts, kv_repeated: bool = True) -> float:
+    """Bytes autograd saves per token in one frozen decoder layer under 16-bit autocast on fp32 weights (CPU bf16;
+    measured with saved_tensors_hooks, see plan/activations.py): the norms stay fp32 (input + rsqrt each:
+    4 * (2h + 2)) and so does SDPA's log-sum-exp (4a); the MLP (gate, silu, up) and attention tensors (rotated q,
+    k, v, the SDPA output) are 16-bit: 2 * (3i + 2q + 2kv). kv = q when a 4-D mask makes transformers repeat the
+    key/value heads before SDPA (packing, prefixes), else the kv width."""
+    h, i, q, a = f.hidden_size, f.intermediate_size, f.num_heads * f.head_dim, f.num_heads
+    kv = q if kv_repeated else f.kv_width
+    return 4 * (2 * h + a + 2) + 2 * (3 * i + 2 * q + 2 * kv)
+
+
 class Method:
     """Base class with the defaults; one small subclass per method (keep it shallow)."""
 
@@ -117,6 +129,30 @@ class Method:
     def layer_activation_elements(self, facts: ModelFacts, config: MethodConfig) -> float:
         """Elements autograd saves per token in one decoder layer (default: the frozen core)."""
         return frozen_core_elements(facts)
+
+    def layer_autocast_bytes(self, facts: ModelFacts, config: MethodConfig) -> float:
+        """Bytes autograd saves per token in one decoder layer when fp32 weights run under 16-bit autocast (CPUs
+        with native bf16): default the frozen core, key/value heads repeated when packing feeds a 4-D mask."""
+        return frozen_core_autocast_bytes(facts, kv_repeated=self.supports_packing)
+
+    def autocast_weight_casts(self, facts: ModelFacts, config: MethodConfig, gradient_checkpointing: bool) -> int:
+        """Weights whose 16-bit autocast copy autograd keeps until the backward pass (elements): every matmul casts
+        its fp32 weight and keeps the cast for the input's gradient, trained or frozen: all decoder Linear weights
+        + the output layer (tied or not). With checkpointing only the head's, and one layer's while it is
+        recomputed. Measured with saved_tensors_hooks (plan/activations.py)."""
+        head = facts.vocab_size * facts.hidden_size
+        linears = facts.decoder_linears()
+        if not linears:
+            return head
+        if gradient_checkpointing:
+            return head + max(sum(m.weight_params for m in linears if m.layer == layer) for layer in {m.layer for m in linears})
+        return head + sum(m.weight_params for m in linears)
+
+    def attention_mask_elements(self, config: MethodConfig, batch_size: int, seq_len: int) -> tuple[int, bool]:
+        """(elements of the attention mask autograd keeps, whether every layer keeps its own copy). Packing's
+        additive 4-D block mask, (batch, 1, seq, seq), is one tensor for all layers (in fp32 compute; autocast
+        then casts it to 16 bits once per layer); without packing SDPA gets no mask (causal kernel)."""
+        return (batch_size * seq_len * seq_len, False) if self.supports_packing else (0, False)
 
     def virtual_tokens(self, config: MethodConfig) -> int:
         """Positions the method adds to every sequence the layers see (prompt tuning's soft prompt)."""

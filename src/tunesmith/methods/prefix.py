@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from tunesmith.methods.base import MethodError, MethodOptions, OptionsSection, TrainableCount, frozen_core_elements
+from tunesmith.methods.base import (
+    MethodError,
+    MethodOptions,
+    OptionsSection,
+    TrainableCount,
+    frozen_core_autocast_bytes,
+    frozen_core_elements,
+)
 from tunesmith.methods.prompt_learning import MERGE_REFUSAL, PromptLearningMethod, text_init_tokenizer
 from tunesmith.models.facts import ModelFacts
 
@@ -76,6 +83,16 @@ class PrefixMethod(PromptLearningMethod):
     def layer_activation_elements(self, facts: ModelFacts, config: MethodConfig) -> float:
         """The frozen core + 2h: the residual stream now requires grad through the prefix keys/values."""
         return frozen_core_elements(facts) + 2 * facts.hidden_size
+
+    def layer_autocast_bytes(self, facts: ModelFacts, config: MethodConfig) -> float:
+        """Under 16-bit autocast: the frozen core with the key/value heads repeated to the query width (the prefix
+        makes the mask 4-D; the prefix's own positions, a few dozen, are left out); measured, no +2h."""
+        return frozen_core_autocast_bytes(facts, kv_repeated=True)
+
+    def attention_mask_elements(self, config: MethodConfig, batch_size: int, seq_len: int) -> tuple[int, bool]:
+        """transformers builds a 4-D mask over the prefix + the sequence, (batch, 1, seq, prefix + seq), and every
+        layer keeps its own copy (measured with saved_tensors_hooks)."""
+        return batch_size * seq_len * (seq_len + config.prefix.num_virtual_tokens), True
 
     # --- training
     def peft_config(self, model: nn.Module, config: MethodConfig) -> PrefixTuningConfig:

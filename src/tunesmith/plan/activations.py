@@ -20,6 +20,24 @@ tests/plan/test_plan_memory.py re-measures them on a tiny model (within 8%). Ele
                    2 * (h + m) with relu
     gradient checkpointing: h per layer (the layer input) + one layer recomputed in the backward pass
 
+Under 16-bit autocast on fp32 weights (`tunesmith train` on a CPU with native bf16: precision auto resolves to bf16
+and train/loop.py forward_loss runs under torch.autocast) the same measurement through the trainer's own
+forward_loss (tests/plan/test_plan_memory.py::test_autocast_formula_matches_saved_tensors, within 8%) gives BYTES
+per token per layer (`Method.layer_autocast_bytes`; kv = q when a 4-D mask makes transformers repeat the key/value
+heads before SDPA: packing and prefixes):
+    frozen core:    4 (2h + a + 2) + 2 (3i + 2q + 2kv)   norms (input, rsqrt), log-sum-exp fp32; MLP/attention bf16
+    full:           4 (4h + a + 2) + 2 (5h + 4i + 2q + 2kv)   every matmul keeps its own bf16 cast of its input
+    LoRA:           core + per target 6 in (dropout: fp32 mask + bf16 cast; without dropout 2 in: A's own cast,
+                    not shared between targets as in fp32) + 2r
+    QLoRA:          LoRA + 2 x 3i (bitsandbytes returns fp32, so gate/silu/up stay fp32; nothing else kept)
+    adapters:       core + 2 x (2h + 2m (+ 2m for gelu/silu))
+    prefix/prompt:  the core (no +2h)
+  + every matmul's fp32 weight cast to bf16 and kept for the backward pass: 2 bytes x (decoder Linear weights +
+    the output layer) (QLoRA: the head only; checkpointing: the head + the recomputed layer's)
+  + the packed 4-D mask: the fp32 original once + a bf16 cast per layer (autocast casts it in every SDPA call);
+    prefix tuning keeps a (batch, 1, seq, prefix + seq) mask per layer
+  + the residual stream (checkpointed layer inputs, the final norm) in fp32.
+
 Logits. The trainer (train/loop.py forward_loss) computes logits only at labelled positions N (those whose next
 token is a target; N = labelled_fraction * batch * seq, all positions when the data is not known): the head
 runs on the selected hidden states, (1, N, vocab). What lives at the start of the backward pass is then the saved
@@ -53,10 +71,12 @@ class ActivationEstimate:
     logits_bytes: int  # logits-sized buffers alive at the start of the backward pass
     recompute_bytes: int  # one layer recomputed under gradient checkpointing (0 without)
     seq_effective: int
+    weight_cast_bytes: int = 0  # 16-bit casts of fp32 weights that autocast makes and autograd keeps
+    forward_layer_bytes: int = 0  # what the layers allocate and keep in one forward pass without checkpointing
 
     @property
     def peak_bytes(self) -> int:
-        return self.saved_bytes + self.logits_bytes + self.recompute_bytes
+        return self.saved_bytes + self.logits_bytes + self.recompute_bytes + self.weight_cast_bytes
 
 
 def layer_elements_per_token(f: ModelFacts, method: MethodConfig) -> float:
@@ -73,30 +93,44 @@ def activation_estimate(
     act_bytes: int,
     gradient_checkpointing: bool,
     labelled_fraction: float = 1.0,
+    autocast: bool = False,
 ) -> ActivationEstimate:
     """Bytes of activations for one micro-batch. act_bytes = 4 (fp32) or 2 (bf16/fp16 compute).
 
     Under 16-bit compute RMSNorm upcasts to fp32, so each of the two norms saves an extra fp32 copy (4h bytes).
+    autocast=True: fp32 weights under 16-bit autocast (tunesmith train on a CPU with native bf16): the layers'
+    bytes come from `Method.layer_autocast_bytes`, the residual stream (checkpointed layer inputs, final norm) stays
+    fp32, every layer keeps its own 16-bit cast of the attention mask, and the weight casts are counted.
     """
     owner = get_method(method.name)
     seq = seq_len + owner.virtual_tokens(method)
     tokens = batch_size * seq
     per_layer = layer_elements_per_token(f, method)
-    norm_upcast = 2 * f.hidden_size * 4 if act_bytes < 4 else 0  # bytes per token per layer
-    layer_bytes = tokens * (per_layer * act_bytes + norm_upcast)
+    if autocast:
+        layer_bytes = tokens * owner.layer_autocast_bytes(f, method)
+        stream_bytes = 4  # the residual stream (and the final norm) stays fp32
+    else:
+        norm_upcast = 2 * f.hidden_size * 4 if act_bytes < 4 else 0  # bytes per token per layer
+        layer_bytes = tokens * (per_layer * act_bytes + norm_upcast)
+        stream_bytes = act_bytes
     if gradient_checkpointing:
-        saved = f.num_layers * tokens * f.hidden_size * act_bytes
+        saved = f.num_layers * tokens * f.hidden_size * stream_bytes
         recompute = int(layer_bytes)
     else:
         saved = int(f.num_layers * layer_bytes)
         recompute = 0
     # Outside the layer stack: the final norm (input, x*rsqrt, output) when its weight trains, else its output.
-    saved += tokens * (3 if owner.trains_base_weights else 1) * f.hidden_size * act_bytes
-    if owner.supports_packing:  # the packed block-diagonal mask, shared by every layer
-        saved += batch_size * seq * seq * act_bytes
+    saved += tokens * (3 if owner.trains_base_weights else 1) * f.hidden_size * stream_bytes
+    mask, per_layer_mask = owner.attention_mask_elements(method, batch_size, seq)
+    if autocast:  # per layer 16-bit casts (one under checkpointing: the recomputed layer's); packing's fp32 original
+        copies = 1 if gradient_checkpointing else f.num_layers
+        saved += mask * 2 * copies + (0 if per_layer_mask else mask * 4)
+    elif mask:
+        saved += mask * act_bytes * (f.num_layers if per_layer_mask and not gradient_checkpointing else 1)
     if owner.selective_logits:
         labelled = math.ceil(labelled_fraction * batch_size * seq_len)
         logits = labelled * f.vocab_size * (3 * 4 + (act_bytes if act_bytes < 4 else 0))
     else:
         logits = tokens * f.vocab_size * (4 * 4 if act_bytes == 4 else 3 * 4 + act_bytes)
-    return ActivationEstimate(per_layer, int(saved), int(logits), recompute, seq)
+    casts = 2 * owner.autocast_weight_casts(f, method, gradient_checkpointing) if autocast else 0
+    return ActivationEstimate(per_layer, int(saved), int(logits), recompute, seq, casts, int(f.num_layers * layer_bytes))

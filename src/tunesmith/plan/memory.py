@@ -11,13 +11,16 @@ Terms (P = all parameters, T = trainable parameters):
     master       fp32 master copy (4 bytes * T) under mixed precision when the trained weights are 16-bit
     optimizer    AdamW: two fp32 moments = 8 bytes * T; 8-bit AdamW (bitsandbytes): 2 bytes * T; paged 8-bit: the
                  same bytes, but pages can move to CPU memory under pressure
-    activations  activations.py: saved tensors + logits buffers (+ one recomputed layer under checkpointing)
+    activations  activations.py: saved tensors + logits buffers (+ one recomputed layer under checkpointing);
+                 fp32 weights under 16-bit autocast (CPUs with native bf16) add the 16-bit weight casts autograd keeps
     overhead     framework: CUDA context and kernels (GPU), allocator and runtime scratch (CPU)
 
 Peak (one micro-batch, gradients set to None after each step, as tunesmith's loop does):
     peak = weights + trainable + master + optimizer + overhead
            + max(activations + head gradient,   # start of backward: all saved tensors + first gradients
                  gradients + step temporaries)  # optimizer step: all gradients + AdamW scratch
+           (CPU: + the saved activations in the step branch, whose freed heap glibc keeps resident,
+            + allocator retention = ALLOCATOR_RETENTION x the forward pass's layer allocations, fitted)
 With gradient accumulation the gradients live through the next forward pass, so they are added instead.
 """
 
@@ -42,6 +45,13 @@ DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "fl
 # calibration case (LoRA on the tiny random model, 1 x 128 tokens, whose weights and activations are ~3 MiB):
 # 528 MiB peak RSS on 2026-12-01, so 525 MiB. Only that case sets it; the reported cases are other shapes.
 OVERHEAD_BYTES = {"cuda": int(1.0 * GiB), "cpu": 525 * 1024**2}
+# Heap that glibc's malloc keeps resident after the tensors in it are freed (CPU only; the CUDA caching allocator's
+# slack is the 8% kept free per GPU). With glibc's defaults the mmap threshold rises to the size of freed tensors
+# (up to 32 MiB), so activations come from the heap, which is not returned between the forward and backward passes
+# and fragments: the peak RSS of `tunesmith train` exceeds the live tensors by a share of what the layers allocate
+# in one forward pass (`forward_layer_bytes`; measured 0.13-0.66 of it). FITTED (not derived) on other shapes than
+# the reported ones: docs/benchmarks.md, "Memory estimate", fit set.
+ALLOCATOR_RETENTION = {"cuda": 0.0, "cpu": 0.4}
 
 
 @dataclass
@@ -63,6 +73,11 @@ class TrainSetup:
     # (train/loop.py forward_loss). 1.0 (every position, the upper bound) unless the data says otherwise.
     labelled_fraction: float = 1.0
 
+    @property
+    def autocast(self) -> bool:
+        """fp32 weights with 16-bit compute: the trainer runs them under torch.autocast (CPU with native bf16)."""
+        return DTYPE_BYTES[self.weight_dtype] == 4 and DTYPE_BYTES[self.compute_dtype] == 2
+
 
 @dataclass
 class MemoryEstimate:
@@ -80,6 +95,7 @@ class MemoryEstimate:
     step_temporaries: int
     quant_constant_bits_per_param: float | None = None
     head_gradient: int = 0  # the output layer's gradient, alive with all activations (full fine-tuning)
+    allocator_retention: int = 0  # CPU: freed heap glibc keeps resident (ALLOCATOR_RETENTION, fitted)
     gradient_accumulation_steps: int = 1
     notes: list[str] = field(default_factory=list)
 
@@ -110,8 +126,11 @@ def estimate_memory(f: ModelFacts, method: MethodConfig, setup: TrainSetup) -> M
     gradients = n * tbytes
     master = n * 4 if (setup.master_weights and tbytes < 4) else 0
     optimizer = n * optimizer_bytes_per_param(setup.optimizer)
+    # fp32 weights with 16-bit compute = autocast (tunesmith train on a CPU with native bf16: train/loop.py
+    # forward_loss runs under torch.autocast); 16-bit weights compute in their own dtype (GPU plans).
+    autocast = setup.autocast
     act = activation_estimate(f, method, setup.batch_size, setup.seq_len, abytes, setup.gradient_checkpointing,
-                              labelled_fraction=setup.labelled_fraction)
+                              labelled_fraction=setup.labelled_fraction, autocast=autocast)
     activations = act.peak_bytes + owner.extra_activation_bytes(f, method, abytes)
     notes: list[str] = list(frozen.notes)
     # The first gradient of the backward pass is the output layer's (V x h), made while every activation lives.
@@ -123,17 +142,21 @@ def estimate_memory(f: ModelFacts, method: MethodConfig, setup: TrainSetup) -> M
     step_temp = 0 if setup.device == "cuda" else largest_trainable * 4 * 2
     overhead = OVERHEAD_BYTES[setup.device]
     persistent = frozen.bytes + trainable + master + optimizer + overhead
+    # CPU: the freed activation heap stays resident through the optimizer step (glibc does not return it), and a
+    # fitted share of the forward pass's layer allocations is lost to retention/fragmentation on top.
+    retained = act.saved_bytes if setup.device == "cpu" else 0
+    retention = int(ALLOCATOR_RETENTION[setup.device] * act.forward_layer_bytes)
     if setup.gradient_accumulation_steps > 1:
-        total = persistent + gradients + max(activations, step_temp)
+        total = persistent + gradients + max(activations, step_temp + retained) + retention
         notes.append("gradient accumulation: gradients live through the forward pass and are added in full")
     else:
-        total = persistent + max(activations + head_grad, gradients + step_temp)
+        total = persistent + max(activations + head_grad, gradients + step_temp + retained) + retention
     return MemoryEstimate(
         method=method.name, trainable_params=n, trainable_formula=count.formula, weights=int(frozen.bytes),
         trainable=int(trainable), gradients=int(gradients), master_weights=int(master), optimizer=int(optimizer),
         activations=int(activations), overhead=overhead, total=int(total), step_temporaries=int(step_temp),
         quant_constant_bits_per_param=frozen.quant_constant_bits_per_param, notes=notes, head_gradient=int(head_grad),
-        gradient_accumulation_steps=setup.gradient_accumulation_steps,
+        gradient_accumulation_steps=setup.gradient_accumulation_steps, allocator_retention=retention,
     )
 
 
@@ -165,7 +188,7 @@ def sharded_bytes_per_gpu(est: MemoryEstimate, gpus: int, layer_bytes: int, offl
     if offload:
         return int(est.overhead + est.activations + est.head_gradient + 4 * layer_bytes)
     states = (est.weights + est.trainable + est.master_weights + est.optimizer) / gpus
-    persistent = states + est.overhead + 2 * layer_bytes
+    persistent = states + est.overhead + 2 * layer_bytes + est.allocator_retention  # retention: CPU only (0 on GPU)
     if est.gradient_accumulation_steps > 1:
         return int(persistent + est.gradients / gpus + max(est.activations, est.step_temporaries))
     return int(persistent + max(est.activations + est.head_gradient / gpus, est.gradients / gpus + est.step_temporaries))

@@ -19,8 +19,8 @@ from tunesmith.errors import UsageError
 from tunesmith.methods.registry import all_methods, get_method
 from tunesmith.models.facts import ModelFacts, model_facts
 from tunesmith.plan.advice import decide, hyperparameters
-from tunesmith.plan.memory import GiB, gpus_needed
-from tunesmith.plan.solve import USABLE_FRACTION, Budget, Knobs, Start, evaluate, launch_line, solve
+from tunesmith.plan.memory import ALLOCATOR_RETENTION, OVERHEAD_BYTES, GiB, gpus_needed
+from tunesmith.plan.solve import USABLE_FRACTION, Budget, Knobs, Start, evaluate, launch_line, solve, train_dtypes
 from tunesmith.records.plan import MethodPlan, PlanReport
 
 
@@ -92,8 +92,23 @@ def start_for(req: PlanRequest, labelled_fraction: float | None = None) -> Start
                  labelled_fraction=1.0 if labelled_fraction is None else labelled_fraction)
 
 
+def precision_assumption(device: str, precision: str = "auto", model_dtype: str = "auto") -> str:
+    """What the plan assumes about weight and compute dtypes: what `tunesmith train` will do on this machine."""
+    if device != "cpu":
+        return "bf16 weights and activations"
+    weights, compute = train_dtypes(device, precision, model_dtype)
+    if weights == "fp32" and compute == "bf16":
+        return ("fp32 weights under bf16 autocast (train.precision auto: this CPU runs bf16 natively, AVX512-BF16/AMX): "
+                "residual stream, norms and the loss in fp32, matmul and attention inputs in bf16, and a bf16 copy of "
+                "every matmul weight (decoder Linears + head) kept for the backward pass")
+    if weights == "fp32":
+        return "fp32 weights and activations (train.precision auto: no native bf16 on this CPU)"
+    return f"{weights} weights and activations"
+
+
 def assumptions(req: PlanRequest, start: Start, data: dict | None) -> list[str]:
-    where = "CPU (fp32 weights and activations)" if req.device == "cpu" else f"{req.gpus} GPU(s) of {req.gpu_memory_bytes / GiB:g} GiB, bf16 weights and activations"
+    where = (f"CPU ({precision_assumption('cpu', start.precision, start.model_dtype)})" if req.device == "cpu"
+             else f"{req.gpus} GPU(s) of {req.gpu_memory_bytes / GiB:g} GiB, bf16 weights and activations")
     labelled = ("every position labelled (the upper bound; pass --data to measure the share)" if data is None
                 or data.get("labelled_fraction") is None else f"{data['labelled_fraction']:.1%} of positions labelled (measured on --data)")
     return [
@@ -104,15 +119,20 @@ def assumptions(req: PlanRequest, start: Start, data: dict | None) -> list[str]:
         f"optimizer {start.optimizer}: two fp32 moments, 8 bytes per trainable parameter (8-bit AdamW: 2); fused kernel on GPU (no step temporaries)",
         "adapters (LoRA, prefix, prompt, bottleneck) train in fp32 (peft upcasts them); full fine-tuning trains the weights in their own dtype"
         + ("; fp32 master weights added" if start.master_weights else "; no fp32 master copy (add one with --master-weights)"),
-        "QLoRA: decoder Linear weights in NF4 (0.5 byte) + quantization constants; embeddings, norms, lm_head 16-bit",
-        "activations: SDPA/flash attention (no seq x seq scores kept; packing's 4-D block mask, batch x seq^2, kept once), "
+        "QLoRA: decoder Linear weights in NF4 (0.5 byte) + quantization constants; embeddings, norms, lm_head in the loaded dtype (bf16 on GPU, fp32 on CPU)",
+        "activations: SDPA/flash attention (no seq x seq scores kept; packing's 4-D block mask, batch x seq^2, kept once, and under CPU autocast a 16-bit cast of it per layer), "
         "LoRA dropout 0.05; the loss computes logits only "
         f"at labelled positions (tunesmith's trainer; prompt tuning takes the full-logits path), fp32 for the loss: {labelled}",
-        "peak = persistent state + max(activations at the start of backward, gradients at the optimizer step); with accumulation the gradients are added",
+        "peak = persistent state + max(activations at the start of backward, gradients at the optimizer step); with accumulation the gradients are added"
+        + ("; CPU (whole-process RSS, glibc malloc): + the freed activation heap kept through the optimizer step + "
+           f"{ALLOCATOR_RETENTION['cpu']:.0%} of the forward pass's layer allocations (heap retention, fitted on other shapes "
+           "than those docs/benchmarks.md reports)" if req.device == "cpu" else ""),
         "sharded = FSDP2 full sharding (train.sharding=fsdp, launched with torchrun; parameters, gradients, optimizer / N, "
         "+ two unsharded layers; prompt learning is not sharded); replicated = data parallel; QLoRA under FSDP2 is not tested by tunesmith",
         "learning rate not scaled: the effective batch is kept constant by gradient accumulation",
-        f"framework overhead: {'1 GiB CUDA context and workspaces per GPU' if req.device != 'cpu' else '48 MiB runtime scratch'}",
+        "framework overhead: " + ("1 GiB CUDA context and workspaces per GPU" if req.device != "cpu" else
+                                  f"{OVERHEAD_BYTES['cpu'] / 2**20:,.0f} MiB, the Python/torch runtime of `tunesmith train` "
+                                  "(measured: bench/memory_accuracy.py's calibration case)"),
     ]
 
 
@@ -294,7 +314,8 @@ def planned_peak(config: RunConfig, budget: Budget, strategy: str | None = None,
                   config.data.max_seq_len, strategy, processes, strategy == "sharded" and t.fsdp_cpu_offload)
     start = Start(batch_size=t.batch_size, effective_batch=knobs.effective_batch, seq_len=config.data.max_seq_len,
                   optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing,
-                  labelled_fraction=1.0 if labelled_fraction is None else labelled_fraction)
+                  labelled_fraction=1.0 if labelled_fraction is None else labelled_fraction,
+                  precision=t.precision, model_dtype=config.model.dtype)
     _est, peak, _by = evaluate(facts, config.method, knobs, budget, start)
     return peak
 

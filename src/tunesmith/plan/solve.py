@@ -100,6 +100,30 @@ class Start:
     gradient_checkpointing: bool = False
     master_weights: bool = False
     labelled_fraction: float = 1.0
+    precision: str = "auto"  # train.precision of the run (resolved for the device: `train_dtypes`)
+    model_dtype: str = "auto"  # model.dtype of the run
+
+
+def train_dtypes(device: str, precision: str = "auto", model_dtype: str = "auto") -> tuple[str, str]:
+    """(weight dtype, compute dtype) that `tunesmith train` will use on `device`, by the trainer's own rules.
+
+    GPU plans assume bf16 weights and compute (model.dtype auto on a bf16 GPU). On a CPU, model.dtype auto loads
+    fp32 weights (models/load.py torch_dtype) and train.precision resolves through models/hardware.py
+    resolve_precision for this machine's CPU: auto -> bf16 where the CPU runs it natively (AVX512-BF16/AMX), else
+    fp32. fp32 weights with bf16 compute is autocast (train/loop.py forward_loss), which the memory model treats
+    apart (plan/activations.py)."""
+    if device != "cpu":
+        return "bf16", "bf16"
+    weights = {"auto": "fp32", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(model_dtype, "fp32")
+    import torch
+
+    from tunesmith.models.hardware import resolve_precision
+
+    resolved = resolve_precision(precision, torch.device("cpu"), log=lambda *_a, **_k: None)
+    compute = "bf16" if resolved == "bf16" else "fp32"
+    if weights != "fp32":  # 16-bit weights compute in their own dtype
+        compute = weights
+    return weights, compute
 
 
 def _halvings(start: int, floor: int) -> list[int]:
@@ -160,11 +184,11 @@ def _candidates(method_supports_ckpt: bool, budget: Budget, start: Start, suppor
 
 def evaluate(facts: ModelFacts, method: MethodConfig, knobs: Knobs, budget: Budget, start: Start) -> tuple[MemoryEstimate, int, dict]:
     """(estimate, per-GPU peak under the knobs' strategy, per-GPU peak replicated and sharded) for one candidate."""
-    dtype = "fp32" if budget.device == "cpu" else "bf16"
+    weight_dtype, compute_dtype = train_dtypes(budget.device, start.precision, start.model_dtype)
     setup = TrainSetup(batch_size=knobs.batch_size, seq_len=knobs.max_seq_len,
                        gradient_checkpointing=knobs.gradient_checkpointing,
-                       gradient_accumulation_steps=knobs.gradient_accumulation_steps, weight_dtype=dtype,
-                       compute_dtype=dtype, master_weights=start.master_weights, optimizer=knobs.optimizer,
+                       gradient_accumulation_steps=knobs.gradient_accumulation_steps, weight_dtype=weight_dtype,
+                       compute_dtype=compute_dtype, master_weights=start.master_weights, optimizer=knobs.optimizer,
                        device=budget.device, gpus=knobs.gpus, gpu_memory_bytes=budget.memory_bytes,
                        labelled_fraction=start.labelled_fraction)
     est = estimate_memory(facts, method, setup)

@@ -19,6 +19,7 @@ from tunesmith.methods.base import (
     MethodOptions,
     OptionsSection,
     TrainableCount,
+    frozen_core_autocast_bytes,
     frozen_core_elements,
     write_method_file,
 )
@@ -106,6 +107,14 @@ class BottleneckAdapterMethod(Method):
         m = facts.hidden_size // config.adapters.reduction_factor
         per_adapter = facts.hidden_size + m + (m if config.adapters.nonlinearity != "relu" else 0)
         return frozen_core_elements(facts) + 2 * per_adapter
+
+    def layer_autocast_bytes(self, facts: ModelFacts, config: MethodConfig) -> float:
+        """Under 16-bit autocast: the frozen core + per adapter (two per layer) the 16-bit cast of its input that the
+        down-projection keeps and the 16-bit bottleneck activation (+ the pre-activation for gelu/silu/tanh):
+        2 * (2h + 2m (+ 2m)); measured."""
+        m = facts.hidden_size // config.adapters.reduction_factor
+        per_adapter = 2 * facts.hidden_size + 2 * m + (2 * m if config.adapters.nonlinearity != "relu" else 0)
+        return frozen_core_autocast_bytes(facts, kv_repeated=self.supports_packing) + 2 * per_adapter
 
     # --- training
     def apply(self, model: nn.Module, config: MethodConfig) -> nn.Module:
