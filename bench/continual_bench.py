@@ -466,7 +466,9 @@ def markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
     names = [t["name"] for t in result["tasks"]]
     cols = header(result)
     out = [f"Measured {meta['date']} at commit `{meta['commit']}` on {meta['machine']}; load average before/after: "
-           f"{meta['load_before']} / {meta['load_after']}; wall time {meta['wall_seconds']:.0f} s.", "",
+           f"{meta['load_before']} / {meta['load_after']}; "
+           + (f"wall time {meta['wall_seconds']:.0f} s." if meta.get("wall_seconds") else "wall time: see each run's record.")
+           , "",
            f"Command: `{meta['command']}`", "",
            "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(r) + " |" for r in summary_rows(result)]
@@ -577,7 +579,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.md:
             meta = {**result.get("meta", {}), "command": "python bench/continual_bench.py " + " ".join(
                 argv if argv is not None else sys.argv[1:])}
-            meta.setdefault("wall_seconds", 0.0)
             write_md(Path(args.md), markdown(result, meta) + "\n\nCombined from: " + ", ".join(args.combine))
         problems = check_invariants(result)
         if problems:
