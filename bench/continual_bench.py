@@ -23,7 +23,7 @@ the same model as an earlier measured one (progressive's R[i][j] for j < i uses 
 merged is the stage-1 adapter), the earlier measurement is reused and marked `reused` in the JSON.
 
     python bench/continual_bench.py --quick --json          # tiny random model: shape and invariants (CI)
-    python bench/continual_bench.py --json --md docs/continual.md   # the reference run (see docs/continual.md)
+    python bench/continual_bench.py --json --md docs/continual.md   # the reference run (see docs/continual.md; ~1 h)
 Last line: ratio=<ACC of seq / ACC of joint> (naive sequential relative to the multi-task upper bound).
 """
 
@@ -516,7 +516,7 @@ def parse(argv: list[str] | None):
     parser.add_argument("--strategies", default="seq,replay,ewc,progressive,olora,merged,joint")
     parser.add_argument("--olora-lambda", type=float, default=0.5, help="O-LoRA orthogonality weight (the paper's 0.5)")
     parser.add_argument("--merges", default=None, help="peft combinations for `merged` (default cat,ties; quick cat)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per task (default 12; quick 2)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per task (default 24: at 12 the risk task stays at chance; quick 2)")
     parser.add_argument("--batch", type=int, default=2, help="packed sequences per step")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -542,7 +542,7 @@ def parse(argv: list[str] | None):
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one, removed)")
     args = parser.parse_args(argv)
     quick = args.quick
-    defaults = {"steps": (12, 2), "n_train": (120, 12), "n_test": (24, 3), "replay_size": (40, 6),
+    defaults = {"steps": (24, 2), "n_train": (120, 12), "n_test": (24, 3), "replay_size": (40, 6),
                 "ewc_lambda": (1e4, 1e3), "ewc_examples": (32, 4), "kl_prompts": (24, 4), "probes": (60, 6),
                 "max_new_tokens": (None, 6)}
     for key, (full, small) in defaults.items():
