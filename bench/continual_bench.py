@@ -343,18 +343,23 @@ class Bench:
                         "accumulation": "online (gamma 1: sum of Fishers, anchor = latest parameters)"}
         return self.forgetting(model, "ewc")
 
-    def _run_progressive(self, matrix, first: Path, reused) -> dict[str, Any]:
+    def _stack_stage(self, adapters: dict[str, Path], i: int, tag: str, loss_terms=()):
+        """Train task i's adapter on top of the frozen `adapters` (added to them), all active afterwards."""
         from tunesmith.methods.combine import activate, add_progressive_adapter, load_stack
 
+        name = f"t{i + 1}"
+        model = load_stack(self.base(), adapters)
+        self.set_seed(self.args.seed)
+        add_progressive_adapter(model, name, self.lora, frozen=list(adapters))
+        self.train(model, self.tasks[i].train, f"{tag}{i + 1}", loss_terms=loss_terms)
+        adapters[name] = self.save(model, name, f"{tag}{i + 1}")
+        activate(model, list(adapters))
+        return model
+
+    def _run_progressive(self, matrix, first: Path, reused) -> dict[str, Any]:
         adapters = {"t1": first}
         for i in range(1, len(self.tasks)):
-            name = f"t{i + 1}"
-            model = load_stack(self.base(), adapters)
-            self.set_seed(self.args.seed)
-            add_progressive_adapter(model, name, self.lora, frozen=list(adapters))
-            self.train(model, self.tasks[i].train, f"progressive{i + 1}")
-            adapters[name] = self.save(model, name, f"progressive{i + 1}")
-            activate(model, list(adapters))
+            model = self._stack_stage(adapters, i, "progressive")
             matrix[i + 1][i] = self.score(model, i, f"progressive{i + 1}")
             for j in range(i):  # task j uses adapters 1..j: the model measured at stage j
                 matrix[i + 1][j] = matrix[j + 1][j]
@@ -362,20 +367,14 @@ class Bench:
         return self.forgetting(model, "progressive (all adapters active)")
 
     def _run_olora(self, matrix, first: Path):
-        from tunesmith.methods.combine import OrthogonalPenalty, activate, add_progressive_adapter, load_stack
+        from tunesmith.methods.combine import OrthogonalPenalty
 
         adapters, penalties = {"t1": first}, []
         for i in range(1, len(self.tasks)):
-            name = f"t{i + 1}"
-            model = load_stack(self.base(), adapters)
-            self.set_seed(self.args.seed)
-            add_progressive_adapter(model, name, self.lora, frozen=list(adapters))
-            penalty = OrthogonalPenalty(self.args.olora_lambda, name, list(adapters))
-            self.train(model, self.tasks[i].train, f"olora{i + 1}", loss_terms=[penalty])
+            penalty = OrthogonalPenalty(self.args.olora_lambda, f"t{i + 1}", list(adapters))
+            model = self._stack_stage(adapters, i, "olora", loss_terms=[penalty])
             penalties.append(float(penalty(model)[1]))
-            adapters[name] = self.save(model, name, f"olora{i + 1}")
-            activate(model, list(adapters))  # all adapters active: no task identity at test time
-            self._eval_row(model, matrix, i, f"olora{i + 1}")
+            self._eval_row(model, matrix, i, f"olora{i + 1}")  # all adapters active: no task identity at test time
         return self.forgetting(model, "olora (all adapters active)"), {
             "lambda": self.args.olora_lambda, "final_penalty_per_stage": penalties}
 

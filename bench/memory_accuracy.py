@@ -110,8 +110,10 @@ def run_train(config_path: Path, threads: int, processes: int = 1) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
+    from tunesmith.serve.testing import free_port
+
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-              "--master_port", str(_free_port()), "-m"] if processes > 1 else [sys.executable, "-m"]
+              "--master_port", str(free_port()), "-m"] if processes > 1 else [sys.executable, "-m"]
     proc = subprocess.Popen([*launch, "tunesmith.cli", "train", str(config_path)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
@@ -129,14 +131,6 @@ def labelled_share(run_dir: Path) -> float | None:
         if render.get("total_tokens"):
             return render["target_tokens"] / render["total_tokens"]
     return None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def predict(config_path: Path, share: float | None, processes: int = 1) -> dict:

@@ -99,8 +99,8 @@ def test_gpus_needed_sharding():
     assert gpus_needed(qlora, 24 * GiB, sharded=False) is None
 
 
-def _saved_bytes(model, batch, seq, vocab) -> int:
-    """Bytes of unique storages autograd saves in one forward pass, parameters excluded."""
+def _count_saved(model, forward) -> int:
+    """Bytes of unique storages autograd saves while `forward()` runs, parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -110,10 +110,26 @@ def _saved_bytes(model, batch, seq, vocab) -> int:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
+        forward()
     return sum(seen.values())
+
+
+def _saved_bytes(model, batch, seq, vocab) -> int:
+    """Bytes of unique storages autograd saves in one forward pass, parameters excluded."""
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    return _count_saved(model, lambda: model(input_ids=ids, labels=ids))
+
+
+def _widths_model(vocab: int = 200):
+    """A 6-layer llama whose hidden, heads*head_dim, kv width and intermediate all differ, and its facts."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = AutoConfig.for_model("llama", hidden_size=48, intermediate_size=112, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=16, num_hidden_layers=6, vocab_size=vocab, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+    return model, facts_from_config(model.config.to_dict())
 
 
 CASES = [
@@ -134,13 +150,8 @@ def test_activation_formula_matches_saved_tensors(name, options, ckpt):
     """Widths chosen so that hidden, heads*head_dim, kv width and intermediate all differ (6 layers, 2 x 24).
     Bottleneck adapters come from tunesmith's own method (skipped until it is registered)."""
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf = AutoConfig.for_model("llama", hidden_size=48, intermediate_size=112, num_attention_heads=4, num_key_value_heads=2,
-                              head_dim=16, num_hidden_layers=6, vocab_size=200, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
-    facts = facts_from_config(model.config.to_dict())
+    model, facts = _widths_model()
     method = MethodConfig.model_validate({"name": name, **options})
     if name == "lora":
         lo = method.lora
@@ -203,19 +214,13 @@ def test_autocast_formula_matches_saved_tensors(name, options, ckpt):
     autograd keeps through the trainer's own forward_loss (selective logits, packing's 4-D mask where the method
     packs), counted by saved_tensors_hooks (unique storages, parameters excluded, so the 16-bit weight casts count)
     against activation_estimate(autocast=True): saved + weight casts + the saved log-softmax output."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from tunesmith.data.pack import Pack, collate
     from tunesmith.data.render import Example
     from tunesmith.methods.registry import get_method
     from tunesmith.train.loop import forward_loss
 
     vocab, batch, seq = 200, 2, 40
-    hf = AutoConfig.for_model("llama", hidden_size=48, intermediate_size=112, num_attention_heads=4, num_key_value_heads=2,
-                              head_dim=16, num_hidden_layers=6, vocab_size=vocab, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
-    facts = facts_from_config(model.config.to_dict())
+    model, facts = _widths_model(vocab)
     method = MethodConfig.model_validate({"name": name, **options})
     owner = get_method(name)
     model = owner.apply(model, method)
@@ -229,18 +234,7 @@ def test_autocast_formula_matches_saved_tensors(name, options, ckpt):
         ids = torch.randint(0, vocab, (seq,), generator=generator).tolist()
         packs.append(Pack([Example(ids, [-100] * (seq - labelled) + ids[seq - labelled:])]))
     inputs = collate(packs, 0, block_mask=owner.supports_packing)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward_loss(model, owner, inputs, "bf16", torch.device("cpu"))
-    measured = sum(seen.values())
+    measured = _count_saved(model, lambda: forward_loss(model, owner, inputs, "bf16", torch.device("cpu")))
     share = (labelled - 1) / seq  # the first label of every example is dropped (pack.collate)
     est = activation_estimate(facts, method, batch, seq, 2, ckpt, labelled_fraction=share, autocast=True)
     if owner.selective_logits:
@@ -284,21 +278,12 @@ def test_qlora_autocast_formula_matches_saved_tensors(tmp_path):
     packs = [Pack([Example(ids, [-100] * (seq - labelled) + ids[seq - labelled:])])
              for ids in (torch.randint(0, vocab, (seq,), generator=generator).tolist() for _ in range(batch))]
     inputs = collate(packs, 0, block_mask=True)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward_loss(model, owner, inputs, "bf16", torch.device("cpu"))
+    measured = _count_saved(model, lambda: forward_loss(model, owner, inputs, "bf16", torch.device("cpu")))
     share = (labelled - 1) / seq
     est = activation_estimate(facts, method, batch, seq, 2, False, labelled_fraction=share, autocast=True)
     assert est.weight_cast_bytes == 2 * vocab * 64  # the (tied) head only
     predicted = est.saved_bytes + est.weight_cast_bytes + math.ceil(share * batch * seq) * vocab * 4
-    assert predicted == pytest.approx(sum(seen.values()), rel=0.08)
+    assert predicted == pytest.approx(measured, rel=0.08)
 
 
 def test_cpu_plans_follow_the_trainers_precision(monkeypatch):

@@ -185,9 +185,9 @@ def _load_parent_weights(parent: Parent, progressive: bool):
             from tunesmith.methods.combine import activate
 
             stack = _parent_stack(parent)
-            for index, folder in enumerate(stack):  # named frozen1..N (OrthogonalPenalty relies on these names)
-                model.load_adapter(folder, adapter_name=f"frozen{index + 1}", is_trainable=False)
-            frozen = [f"frozen{i + 1}" for i in range(len(stack))]
+            frozen = _frozen_names(stack)
+            for name, folder in zip(frozen, stack, strict=True):
+                model.load_adapter(folder, adapter_name=name, is_trainable=False)
             activate(model, [*frozen, "default"], trainable=["default"])
             return model
         from peft import set_peft_model_state_dict
@@ -201,6 +201,11 @@ def _load_parent_weights(parent: Parent, progressive: bool):
         return model
 
     return init
+
+
+def _frozen_names(stack: list[Path]) -> list[str]:
+    """The adapter names a progressive child gives its parent's stack (frozen1..N)."""
+    return [f"frozen{i + 1}" for i in range(len(stack))]
 
 
 def _parent_stack(parent: Parent) -> list[Path]:
@@ -307,8 +312,7 @@ def run_continual(config: RunConfig, resume: bool = False, log=print):
     if options.orthogonal_lambda:
         from tunesmith.methods.combine import OrthogonalPenalty
 
-        frozen = [f"frozen{i + 1}" for i in range(len(_parent_stack(parent)))]  # the names _load_parent_weights gives
-        loss_terms.append(OrthogonalPenalty(options.orthogonal_lambda, "default", frozen))
+        loss_terms.append(OrthogonalPenalty(options.orthogonal_lambda, "default", _frozen_names(_parent_stack(parent))))
     init = _load_parent_weights(parent, options.progressive) if parent is not None else None
     summary = run_finetune(prepared, resume, log, init_model=init, extra_callbacks=callbacks,
                            loss_terms=loss_terms)

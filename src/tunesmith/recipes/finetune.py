@@ -66,7 +66,7 @@ class TrainingData:
     train_packs: list[Pack]
     val_packs: list[Pack]
     manifest: dict[str, Any]
-    val_groups: dict[str, list[Pack]] | None = None  # per task, for multi-task runs
+    val_groups: dict[str, list[Pack]] | None = None  # per validation file (one per task in multi-task runs)
 
 
 def run_finetune(config: RunConfig, resume: bool = False, log=print, *, init_model: InitModel | None = None,
@@ -160,7 +160,7 @@ def training_data(run: FinetuneRun) -> TrainingData:
     if run.main:
         write_json(run_dir / "data_manifest.json", manifest)
         _report_truncation(train_stats, val_stats, run.log)
-    return TrainingData(train_packs, val_packs, manifest, val_groups if len(val_groups) > 1 else None)
+    return TrainingData(train_packs, val_packs, manifest, val_groups)
 
 
 def _validation_groups(files: list[str], examples, pack) -> dict[str, list[Pack]]:

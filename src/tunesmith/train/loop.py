@@ -80,8 +80,8 @@ class LoopContext:
     log: Any = print
     # Extra loss terms: term(model) -> (name, scalar tensor), model = the unwrapped model (see the module docstring).
     loss_terms: list[Callable[[Any], tuple[str, torch.Tensor]]] = field(default_factory=list)
-    # Multi-task runs: the validation packs of each task (packed per task, so no pack mixes tasks). Every
-    # evaluation then logs eval_loss/<task> beside eval_loss, the token-weighted loss over all of them.
+    # Validation packs per group (multi-task runs: per task, packed apart so no pack mixes tasks). With two or more
+    # groups every evaluation logs eval_loss/<group> beside eval_loss, the token-weighted loss over all of them.
     val_groups: dict[str, list[Pack]] | None = None
 
 
