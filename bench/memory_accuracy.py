@@ -151,20 +151,23 @@ def run_case(case: dict, work: Path, threads: int, log) -> dict:
     processes = case.get("processes", 1)
     name = (f"{case['method']}-s{case['seq_len']}-b{case['batch_size']}{'-ckpt' if case['ckpt'] else ''}"
             f"{f'-fsdp{processes}' if processes > 1 else ''}")
+    repeat = case.get("repeat", 1)
+    run_name = name if repeat == 1 else f"{name}-r{repeat}"  # each repeat its own config and run folder
     cfg = case_config(case["model"], case["method"], case["data"], case["seq_len"], case["batch_size"], case["ckpt"],
-                      case["steps"], work / "runs", name, processes)
-    path = work / f"{name}.yaml"
+                      case["steps"], work / "runs", run_name, processes)
+    path = work / f"{run_name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     measured = run_train(path, threads, processes)
     row = {"case": name, "method": case["method"], "seq_len": case["seq_len"], "batch_size": case["batch_size"],
-           "gradient_checkpointing": case["ckpt"], "processes": processes, "model": case["model"], **measured}
+           "gradient_checkpointing": case["ckpt"], "processes": processes, "model": case["model"], "repeat": repeat,
+           **measured}
     if measured["returncode"] != 0:
         log(f"{name}: FAILED {measured['tail']}")
         return row
-    share = labelled_share(work / "runs" / name)
+    share = labelled_share(work / "runs" / run_name)
     row.update(predict(path, share, processes), labelled_share=share)
     row["relative_error"] = round((row["predicted_bytes"] - row["peak_rss_bytes"]) / row["peak_rss_bytes"], 4)
-    log(f"{name}: predicted {row['predicted_bytes'] / MiB:,.0f} MiB, measured {row['peak_rss_bytes'] / MiB:,.0f} MiB "
+    log(f"{run_name}: predicted {row['predicted_bytes'] / MiB:,.0f} MiB, measured {row['peak_rss_bytes'] / MiB:,.0f} MiB "
         f"({row['relative_error']:+.1%}), {measured['seconds']} s")
     return row
 
@@ -253,11 +256,18 @@ class _redirect:
 
 # ------------------------------------------------------------------------------------------------ main
 def summarize(rows: list[dict]) -> dict:
+    """The worst error over every run of every case (with --repeats, the worst repeat counts, not the mean), and each
+    case's spread of measured peaks over its repeats."""
     done = [r for r in rows if "relative_error" in r]
     worst = max(done, key=lambda r: abs(r["relative_error"]), default=None)
-    return {"cases": len(rows), "measured": len(done), "failed": [r["case"] for r in rows if "relative_error" not in r],
+    spread: dict[str, list[int]] = {}
+    for r in done:
+        spread.setdefault(r["case"], []).append(r["peak_rss_bytes"])
+    return {"cases": len({r["case"] for r in rows}), "runs": len(rows), "measured": len(done),
+            "failed": [r["case"] for r in rows if "relative_error" not in r],
             "worst_relative_error": worst["relative_error"] if worst else None, "worst_case": worst["case"] if worst else None,
-            "mean_abs_relative_error": round(sum(abs(r["relative_error"]) for r in done) / len(done), 4) if done else None}
+            "mean_abs_relative_error": round(sum(abs(r["relative_error"]) for r in done) / len(done), 4) if done else None,
+            "measured_spread_mib": {case: round((max(v) - min(v)) / MiB) for case, v in spread.items() if len(v) > 1}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="cases run as 2-process FSDP2 (torchrun, gloo), per-process peak vs the planner's "
                              "sharded per-device figure: method:seq:batch,... (with --quick: lora:256:2)")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="run every case N times; the worst run is reported")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget-check", action="store_true", help="also run issue 19's budget check (LoRA)")
     parser.add_argument("--budget-seq-len", type=int, default=256)
@@ -339,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         cases.append({"model": model, "method": method, "seq_len": int(seq), "batch_size": int(batch), "ckpt": False,
                       "steps": steps, "processes": 2,
                       "data": make_data(tokenizer, int(seq), 2 * int(batch) * steps + 2, work / f"data-{seq}-x2.jsonl")})
+    # --repeats: the whole grid again, in the same order (a case's repeats are spread over the session, not adjacent).
+    cases = [{**case, "repeat": r} for r in range(1, args.repeats + 1) for case in cases]
     rows = []
     for case in cases:  # each row is also appended to work/results.jsonl as it lands (long grids on loaded machines)
         rows.append(run_case(case, work, args.threads, log))
@@ -357,11 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{'case':<26}{'predicted MiB':>15}{'measured MiB':>14}{'error':>9}{'labelled':>10}{'s':>7}")
         for r in rows:
+            label = r["case"] + (f" #{r['repeat']}" if r.get("repeat", 1) > 1 else "")
             if "relative_error" in r:
-                print(f"{r['case']:<26}{r['predicted_bytes'] / MiB:>15,.0f}{r['peak_rss_bytes'] / MiB:>14,.0f}"
+                print(f"{label:<26}{r['predicted_bytes'] / MiB:>15,.0f}{r['peak_rss_bytes'] / MiB:>14,.0f}"
                       f"{r['relative_error']:>+9.1%}{r['labelled_share'] or 0:>10.2f}{r['seconds']:>7}")
             else:
-                print(f"{r['case']:<26}{'failed':>15}")
+                print(f"{label:<26}{'failed':>15}")
     s = report["summary"]
     ratios = ", ".join(f"{r['case']}={r['peak_rss_bytes'] / r['predicted_bytes']:.3f}" for r in rows if "relative_error" in r)
     print(f"ratio=measured/predicted {ratios}; worst relative error {s['worst_relative_error']} ({s['worst_case']})",

@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -59,6 +60,8 @@ METHOD_OPTIONS = {
 }
 SCORE_METRIC = "field_f1"
 REFERENCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# Training children allowed at once (main sets it from --workers).
+SLOTS = threading.BoundedSemaphore(1)
 
 
 def advised_rates(model: str, methods: list[str], n_train: int) -> dict[str, tuple[float, str]]:
@@ -181,23 +184,33 @@ def child(args, name: str, data: Path, out: Path, rate: float, seed: int, score:
                "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads), "--result", str(result)]
     environment = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
                    "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True)
+    with SLOTS:  # at most --workers training children at once, whichever method they belong to
+        completed = subprocess.run(command, env=environment, capture_output=True, text=True)
     if completed.returncode != 0:
         tail = "\n".join(completed.stderr.strip().splitlines()[-15:])
         return {"error": f"exit {completed.returncode}: {tail}"}
     return json.loads(result.read_text())
 
 
+def timed_child(args, name: str, data: Path, out: Path, rate: float, seed: int, score: bool) -> dict:
+    t0 = time.perf_counter()
+    row = child(args, name, data, out, rate, seed, score)
+    return {**row, "seconds": time.perf_counter() - t0}
+
+
 def run_method(args, name: str, advised: float, data: Path, out: Path) -> dict:
-    """The grid at seed 0 (validation loss only), then seeds 0 and 1 at the best rate, scored on test and OOD."""
+    """The grid at seed 0 (validation loss only), then seeds 0 and 1 at the best rate, scored on test and OOD.
+
+    The runs of one stage start together; SLOTS (--workers) bounds how many train at once across all methods, so
+    the machine stays busy until the last run, although methods differ several-fold in run time."""
     rates = grid(advised, args.grid)
-    runs = {}
-    for rate in rates:
-        t0 = time.perf_counter()
-        runs[rate] = child(args, name, data, out, rate, SEEDS[0], score=False)
-        loss = runs[rate].get("best_eval_loss")
+    with ThreadPoolExecutor(max_workers=len(rates)) as pool:
+        futures = {rate: pool.submit(timed_child, args, name, data, out, rate, SEEDS[0], False) for rate in rates}
+        runs = {rate: future.result() for rate, future in futures.items()}
+    for rate, run in runs.items():
+        loss = run.get("best_eval_loss")
         print(f"{name} lr {rate:g}: best validation loss {loss if loss is None else round(loss, 4)} "
-              f"({time.perf_counter() - t0:.0f} s{', ' + runs[rate]['error'].splitlines()[-1] if 'error' in runs[rate] else ''})",
+              f"({run.get('seconds', 0):.0f} s{', ' + run['error'].splitlines()[-1] if 'error' in run else ''})",
               file=sys.stderr, flush=True)
     finite = {r: x["best_eval_loss"] for r, x in runs.items()
               if "error" not in x and x.get("best_eval_loss") is not None and math.isfinite(x["best_eval_loss"])}
@@ -205,11 +218,11 @@ def run_method(args, name: str, advised: float, data: Path, out: Path) -> dict:
     if not finite:
         return {"error": "every rate of the grid failed or diverged", "grid": grid_record, "advised": advised}
     best = min(finite, key=finite.get)
-    seeds = {}
-    for seed in SEEDS:
-        t0 = time.perf_counter()
-        seeds[seed] = child(args, name, data, out, best, seed, score=True)
-        print(f"{name} lr {best:g} seed {seed}: test {seeds[seed].get('test_score')} ({time.perf_counter() - t0:.0f} s)",
+    with ThreadPoolExecutor(max_workers=len(SEEDS)) as pool:
+        futures = {seed: pool.submit(timed_child, args, name, data, out, best, seed, True) for seed in SEEDS}
+        seeds = {seed: future.result() for seed, future in futures.items()}
+    for seed, run in seeds.items():
+        print(f"{name} lr {best:g} seed {seed}: test {run.get('test_score')} ({run.get('seconds', 0):.0f} s)",
               file=sys.stderr, flush=True)
     failed = [s for s, x in seeds.items() if "error" in x]
     if failed:
@@ -217,7 +230,8 @@ def run_method(args, name: str, advised: float, data: Path, out: Path) -> dict:
     first = seeds[SEEDS[0]]
     row = {k: first[k] for k in ("trainable_params", "total_params", "peak_memory_bytes", "step_seconds",
                                  "adapter_bytes")}
-    row.update(advised=advised, grid=grid_record, best_rate=best,
+    # A best rate at the grid's edge means the optimum may lie outside it: said in the table, not hidden.
+    row.update(advised=advised, grid=grid_record, best_rate=best, best_at_edge=best in (min(rates), max(rates)),
                test_scores=[seeds[s]["test_score"] for s in SEEDS], ood_scores=[seeds[s]["ood_score"] for s in SEEDS],
                final_train_loss=[seeds[s]["final_train_loss"] for s in SEEDS])
     row["test_score"] = mean(row["test_scores"])
@@ -261,7 +275,7 @@ def table(rows: dict[str, dict], base_params: int | None, sources: dict[str, str
         lines.append(
             f"| {name} | {row['trainable_params']:,} | {fmt(share, '{:.3f}%')} | {fmt_bytes(row['peak_memory_bytes'])} "
             f"| {fmt(row['step_seconds'], '{:.2f} s')} | {fmt_bytes(row['adapter_bytes'])} "
-            f"| {row['advised']:g} ({sources.get(name, 'planner')}) | {grid_text} | {row['best_rate']:g} "
+            f"| {row['advised']:g} ({sources.get(name, 'planner')}) | {grid_text} | {row['best_rate']:g}{' (grid edge)' if row.get('best_at_edge') else ''} "
             f"| {' / '.join(fmt(v, '{:.3f}') for v in row['test_scores'])} | {fmt(row['test_score'], '{:.3f}')} "
             f"| {fmt(row.get('relative_to_full'), '{:.0%}')} | {LITERATURE.get(name, '-')} "
             f"| {' / '.join(fmt(v, '{:.3f}') for v in row['ood_scores'])} | {row['merges']} |"
@@ -333,9 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, (rate, source) in advised.items():
             print(f"{name}: advised LR {rate:g} ({source}); grid {[f'{r:g}' for r in grid(rate, args.grid)]}",
                   file=sys.stderr, flush=True)
-        # Methods are independent (own children, own run folders), so --workers runs several at once; results are
-        # kept in the order of --methods.
-        with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        # Methods are independent (own children, own run folders): each method's stages run in their own thread and
+        # SLOTS lets --workers children train at once, from any method; results are kept in the order of --methods.
+        global SLOTS
+        SLOTS = threading.BoundedSemaphore(max(1, args.workers))
+        with ThreadPoolExecutor(max_workers=len(methods)) as pool:
             futures = {name: pool.submit(run_method, args, name, advised[name][0], out / "data", out) for name in methods}
             rows: dict[str, dict] = {name: futures[name].result() for name in methods}
         for name in methods:
@@ -374,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         write_markdown(Path(args.md), text, budget, qlora, elapsed, args)
     if args.json:
         keys = ("trainable_params", "peak_memory_bytes", "step_seconds", "adapter_bytes", "advised", "grid",
-                "best_rate", "test_scores", "test_score", "relative_to_full", "ood_scores", "ood_score", "merges")
+                "best_rate", "best_at_edge", "test_scores", "test_score", "relative_to_full", "ood_scores", "ood_score", "merges")
         print(json.dumps({"methods": {m: {k: r.get(k) for k in keys} if "error" not in r else r
                                       for m, r in rows.items()},
                           "advised_source": sources, "literature": LITERATURE}))

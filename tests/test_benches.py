@@ -132,12 +132,44 @@ def test_method_table_protocol_selects_on_validation_and_scores_two_seeds(monkey
     args = mt.parse(["--grid", "0.3,1,3"])
     full = mt.run_method(args, "full", 2e-5, tmp_path, tmp_path)
     lora = mt.run_method(args, "lora", 2e-4, tmp_path, tmp_path)
-    assert [c[1] for c in calls if c[0] == "lora" and not c[3]] == [6e-5, 2e-4, 6e-4]  # the same grid for each
-    assert [c[1] for c in calls if c[0] == "full" and not c[3]] == [6e-6, 2e-5, 6e-5]
+    # the same grid for each (a stage's runs start together, so their order of calls is free)
+    assert sorted(c[1] for c in calls if c[0] == "lora" and not c[3]) == [6e-5, 2e-4, 6e-4]
+    assert sorted(c[1] for c in calls if c[0] == "full" and not c[3]) == [6e-6, 2e-5, 6e-5]
     assert lora["best_rate"] == 6e-4 and full["best_rate"] == 6e-5  # chosen on validation loss
-    assert [(c[1], c[2]) for c in calls if c[0] == "lora" and c[3]] == [(6e-4, 0), (6e-4, 1)]
+    assert lora["best_at_edge"] and full["best_at_edge"]
+    assert sorted((c[1], c[2]) for c in calls if c[0] == "lora" and c[3]) == [(6e-4, 0), (6e-4, 1)]
     assert lora["test_scores"] == [0.6, 0.7] and lora["test_score"] == pytest.approx(0.65)
     assert full["test_score"] == pytest.approx(0.85)
+
+
+def test_method_table_workers_bound_the_children_training_at_once(monkeypatch, tmp_path):
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import method_table as mt
+
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def fake_run(command, **kwargs):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        row = {"best_eval_loss": 1.0, "trainable_params": 1, "total_params": 2, "peak_memory_bytes": 1,
+               "step_seconds": 0.1, "adapter_bytes": 1, "final_train_loss": 1.0, "test_score": 0.5, "ood_score": 0.5}
+        Path(command[command.index("--result") + 1]).write_text(json.dumps(row))
+        with lock:
+            active[0] -= 1
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(mt.subprocess, "run", fake_run)
+    monkeypatch.setattr(mt, "SLOTS", threading.BoundedSemaphore(2))
+    args = mt.parse(["--grid", "0.3,1,3", "--model", "m"])
+    with ThreadPoolExecutor(3) as pool:  # three methods at once, as main runs them
+        rows = list(pool.map(lambda name: mt.run_method(args, name, 1e-4, tmp_path, tmp_path), ["full", "lora", "prompt"]))
+    assert peak[0] == 2  # 15 children in all, never more than two training at once
+    assert all(row["test_scores"] == [0.5, 0.5] for row in rows)
 
 
 def test_method_table_diverged_grid_and_advised_rates(monkeypatch, tmp_path):

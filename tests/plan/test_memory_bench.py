@@ -80,3 +80,17 @@ def test_quick_runs_tunesmith_train_and_reports(tmp_path, capsys):
     assert row["relative_error"] == round((row["predicted_bytes"] - row["peak_rss_bytes"]) / row["peak_rss_bytes"], 4)
     assert 0 < row["labelled_share"] < 1
     assert report["summary"]["worst_relative_error"] == row["relative_error"]
+
+
+def test_repeats_report_the_worst_run_and_each_cases_spread():
+    bench = _bench()
+    mib = 2**20
+    rows = [{"case": "lora-s1024-b2-ckpt", "repeat": 1, "peak_rss_bytes": 3000 * mib, "relative_error": -0.016},
+            {"case": "lora-s1024-b2", "repeat": 1, "peak_rss_bytes": 6000 * mib, "relative_error": -0.02},
+            {"case": "lora-s1024-b2-ckpt", "repeat": 2, "peak_rss_bytes": 2320 * mib, "relative_error": 0.272},
+            {"case": "lora-s1024-b2", "repeat": 2, "returncode": 1}]
+    summary = bench.summarize(rows)
+    assert summary["cases"] == 2 and summary["runs"] == 4 and summary["measured"] == 3
+    assert summary["worst_relative_error"] == 0.272 and summary["worst_case"] == "lora-s1024-b2-ckpt"  # not the mean
+    assert summary["measured_spread_mib"] == {"lora-s1024-b2-ckpt": 680}
+    assert summary["failed"] == ["lora-s1024-b2"]
