@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,6 +63,7 @@ SCORE_METRIC = "field_f1"
 REFERENCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Training children allowed at once (main sets it from --workers).
 SLOTS = threading.BoundedSemaphore(1)
+REUSED: list[str] = []  # result files taken from --reuse in this invocation
 
 
 def advised_rates(model: str, methods: list[str], n_train: int) -> dict[str, tuple[float, str]]:
@@ -174,8 +176,34 @@ def tiny_model(out: Path) -> str:
     return str(save_tiny_model(out / "tiny-model", "llama"))
 
 
+def run_key(args) -> dict:
+    """What makes two runs of one method, rate and seed the same run (recorded in each result; --reuse checks it)."""
+    return {k: getattr(args, k) for k in ("model", "steps", "batch", "seq_len", "eval_examples", "validation_examples",
+                                          "max_new_tokens", "eval_batch")}
+
+
+def reused(args, result: Path) -> dict | None:
+    """A finished run's result from --reuse DIR (same file name, i.e. method, rate, seed and scoring): runs are
+    deterministic given their seed on one machine (a seed-0 scored run reproduces its grid run's validation loss to
+    every digit), so an interrupted invocation can be completed without training its finished runs again. A result
+    that records different run parameters (run_key) is not reused; one that records none (written before run_key
+    existed) is reused by name, and the output says so."""
+    if not args.reuse or not (Path(args.reuse) / result.name).is_file():
+        return None
+    row = json.loads((Path(args.reuse) / result.name).read_text())
+    if "error" in row or row.get("args", run_key(args)) != run_key(args):
+        return None
+    REUSED.append(result.name)
+    print(f"reused {result.name} from {args.reuse}{'' if 'args' in row else ' (no run parameters recorded: matched by name)'}",
+          file=sys.stderr, flush=True)
+    result.write_text(json.dumps(row))
+    return {**row, "reused": True}
+
+
 def child(args, name: str, data: Path, out: Path, rate: float, seed: int, score: bool) -> dict:
     result = out / f"{name}-{rate:g}-s{seed}{'-scored' if score else ''}.json"
+    if (row := reused(args, result)) is not None:
+        return row
     command = [sys.executable, __file__, "--one", name, "--data", str(data), "--out", str(out / "runs"),
                "--model", args.model, "--steps", str(args.steps), "--batch", str(args.batch), "--rate", str(rate),
                "--seed", str(seed), "--score", str(int(score)), "--eval-batch", str(args.eval_batch),
@@ -186,6 +214,8 @@ def child(args, name: str, data: Path, out: Path, rate: float, seed: int, score:
                    "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     with SLOTS:  # at most --workers training children at once, whichever method they belong to
         completed = subprocess.run(command, env=environment, capture_output=True, text=True)
+    if not args.keep_runs:  # the result file has what the table needs; a full fine-tuning run's folder is ~3.6 GB
+        shutil.rmtree(out / "runs" / result.stem, ignore_errors=True)
     if completed.returncode != 0:
         tail = "\n".join(completed.stderr.strip().splitlines()[-15:])
         return {"error": f"exit {completed.returncode}: {tail}"}
@@ -304,6 +334,11 @@ def parse(argv):
                              "workers x threads should not exceed the cores); every method still runs its own grid "
                              "and seeds one after another")
     parser.add_argument("--md", default=None, help="also write the table with date, commit and machine here")
+    parser.add_argument("--reuse", default=None, metavar="DIR",
+                        help="take finished runs' results from DIR (an earlier invocation's --results) instead of "
+                             "training them again")
+    parser.add_argument("--results", default=None, metavar="DIR", help="also copy every run's result file here")
+    parser.add_argument("--keep-runs", action="store_true", help="keep each run's folder (checkpoints, adapter)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -331,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         row = run_one(args)
-        Path(args.result).write_text(json.dumps(row))
+        Path(args.result).write_text(json.dumps({**row, "args": run_key(args)}))
         return 0
 
     from tunesmith.methods.registry import get_method
@@ -354,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(max_workers=len(methods)) as pool:
             futures = {name: pool.submit(run_method, args, name, advised[name][0], out / "data", out) for name in methods}
             rows: dict[str, dict] = {name: futures[name].result() for name in methods}
+        if args.results:  # the temporary folder goes away with this block
+            Path(args.results).mkdir(parents=True, exist_ok=True)
+            for path in out.glob("*.json"):
+                shutil.copy(path, Path(args.results) / path.name)
         for name in methods:
             rows[name]["merges"] = "yes" if get_method(name).can_merge else ("n/a: is a full model" if name == "full" else "no")
     full_score = rows.get("full", {}).get("test_score")
@@ -375,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
               f"examples, greedy, {args.max_new_tokens} new tokens; {args.workers} method(s) at a time, "
               f"{args.threads} torch thread(s) each (step times are comparable only between runs that shared the "
               f"machine alike)"
-              + (f"; trainable % of the base model's {base_params:,} parameters" if base_params else ""))
+              + (f"; trainable % of the base model's {base_params:,} parameters" if base_params else "")
+              + (f"; {len(REUSED)} finished runs reused from {args.reuse} (not trained again)" if REUSED else ""))
     text = table(rows, base_params, sources)
     print(text)
     print(budget)
@@ -393,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                 "best_rate", "best_at_edge", "test_scores", "test_score", "relative_to_full", "ood_scores", "ood_score", "merges")
         print(json.dumps({"methods": {m: {k: r.get(k) for k in keys} if "error" not in r else r
                                       for m, r in rows.items()},
-                          "advised_source": sources, "literature": LITERATURE}))
+                          "advised_source": sources, "literature": LITERATURE, "reused": sorted(REUSED)}))
     ratio = lora_row.get("relative_to_full")
     print(f"ratio={ratio:.3f}" if ratio is not None else "ratio=nan")
     return 0 if all("error" not in r for r in rows.values()) else 1

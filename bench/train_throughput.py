@@ -148,6 +148,16 @@ def categorize_profile(profiler, dims: dict[str, int]) -> dict[str, float]:
     return seconds
 
 
+def top_other_ops(profiler, dims: dict[str, int], n: int = 8) -> dict[str, float]:
+    """The n ops with the most self CPU seconds inside "other" (where the step's time outside the matmuls goes)."""
+    seconds: dict[str, float] = {}
+    for event in profiler.events():
+        own = event.self_cpu_time_total / 1e6
+        if own > 0 and _category(event, dims) == "other":
+            seconds[event.name] = seconds.get(event.name, 0.0) + own
+    return {name: round(v, 4) for name, v in sorted(seconds.items(), key=lambda kv: -kv[1])[:n]}
+
+
 def _category(event, dims: dict[str, int]) -> str:
     node = event
     while node is not None:
@@ -194,7 +204,8 @@ def finish(instruments: StepInstruments, tokens_per_step: list[int], dims: dict[
             "tokens_per_step": tokens_per_step[: n + 2], "flops_step": instruments.flops,
             "flops_per_token": flops_per_token, "achieved_flops": achieved, "matmul_peak_flops": peak,
             "utilisation": achieved / peak, "profile_step_seconds": profile_seconds,
-            "profile_seconds": {k: round(v, 4) for k, v in categories.items()}}
+            "profile_seconds": {k: round(v, 4) for k, v in categories.items()},
+            "profile_top_other": top_other_ops(instruments.profiler, dims) if instruments.profiler is not None else {}}
 
 
 # ----------------------------------------------------------------------------------------------- the sides
@@ -477,6 +488,7 @@ def main(argv=None) -> int:
     total = last["profile_step_seconds"]
     print(f"tunesmith profile of one step ({total:.2f}s wall): " + ", ".join(
         f"{k} {v:.2f}s ({100 * v / total:.0f}%)" for k, v in last["profile_seconds"].items()))
+    print("largest ops in 'other': " + ", ".join(f"{k} {v:.2f}s" for k, v in last.get("profile_top_other", {}).items()))
     for other, r in ratios.items():
         print(f"tunesmith / {LABELS[other]}: {r['median']:.2f} (median of {len(r['per_rotation'])}; per rotation "
               + ", ".join(f"{x:.2f}" for x in r["per_rotation"]) + ")")

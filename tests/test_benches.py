@@ -1,5 +1,6 @@
 """The benchmarks' quick modes run end to end, print the documented JSON keys, and compute their ratios from the
-numbers they measured (not constants). End-to-end runs start several Python processes: marked slow."""
+numbers they measured (not constants). The end-to-end runs (tiny models, a few steps) are in the default suite: each
+bench's quick path is checked on every `make test` (~2-3 min together on 2 cores)."""
 
 import json
 import subprocess
@@ -73,16 +74,17 @@ def test_flop_counter_counts_cpu_attention_and_matmuls():
     assert counter.get_total_flops() == attention * 3.5 + 3 * projection
 
 
-@pytest.mark.slow
 def test_train_throughput_tiny_end_to_end():
-    pytest.importorskip("trl", reason="the TRL side needs the bench extra: pip install -e '.[bench]'")
+    pytest.importorskip("trl", reason="the TRL side needs trl (in the test and bench extras)")
     record, lines = run_bench(ROOT / "bench" / "train_throughput.py", "--tiny", "--steps", "2", "--batch", "2", "--json")
     assert {"rotations", "ratios", "ratio", "threads", "timing_window"} <= set(record)
     rotation = record["rotations"][0]
     assert set(rotation) == {"baseline", "trl", "tunesmith"}
     for side in rotation.values():
         assert {"useful_tokens", "seconds", "useful_tokens_per_second", "flops_per_token", "achieved_flops",
-                "matmul_peak_flops", "utilisation", "profile_seconds", "threads", "peak_rss_bytes"} <= set(side)
+                "matmul_peak_flops", "utilisation", "profile_seconds", "profile_top_other", "threads",
+                "peak_rss_bytes"} <= set(side)
+        assert sum(side["profile_top_other"].values()) <= side["profile_seconds"]["other"] + 1e-3
         assert side["threads"] == record["threads"] and side["flops_per_token"] > 0
         assert side["useful_tokens"] == sum(side["tokens_per_step"][1:2])  # step 2 only is timed
     expected = rotation["tunesmith"]["useful_tokens_per_second"] / rotation["baseline"]["useful_tokens_per_second"]
@@ -91,7 +93,6 @@ def test_train_throughput_tiny_end_to_end():
 
 
 # ---------------------------------------------------------------- serve_bench
-@pytest.mark.slow
 def test_serve_bench_quick_end_to_end():
     record, lines = run_bench(ROOT / "bench" / "serve_bench.py", "--tiny", "--quick", "--slora", "--json")
     assert {"records", "ratios", "slora", "targets_met"} <= set(record)
@@ -172,6 +173,37 @@ def test_method_table_workers_bound_the_children_training_at_once(monkeypatch, t
     assert all(row["test_scores"] == [0.5, 0.5] for row in rows)
 
 
+def test_method_table_reuse_takes_finished_runs_with_the_same_parameters(monkeypatch, tmp_path):
+    import method_table as mt
+
+    calls = []
+    row = {"trainable_params": 1, "total_params": 2, "peak_memory_bytes": 1, "step_seconds": 0.1, "adapter_bytes": 1,
+           "final_train_loss": 1.0, "test_score": 0.5, "ood_score": 0.5}
+
+    def fake_run(command, **kwargs):
+        result = Path(command[command.index("--result") + 1])
+        calls.append(result.name)
+        (result.parent / "runs" / result.stem).mkdir(parents=True)  # the run's folder, removed once it is read
+        result.write_text(json.dumps({**row, "best_eval_loss": 1.0}))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(mt.subprocess, "run", fake_run)
+    old = tmp_path / "old"
+    old.mkdir()
+    args = mt.parse(["--grid", "1,3", "--model", "m", "--reuse", str(old)])
+    (old / "lora-0.0002-s0.json").write_text(json.dumps({**row, "best_eval_loss": 0.1, "args": mt.run_key(args)}))
+    other = {**mt.run_key(args), "steps": 5}  # another budget: not the same run
+    (old / "lora-0.0006-s0.json").write_text(json.dumps({**row, "best_eval_loss": 0.01, "args": other}))
+    (old / "lora-0.0002-s0-scored.json").write_text(json.dumps({"error": "exit 1: disk full"}))  # failed: run again
+    out = tmp_path / "out"
+    out.mkdir()
+    result = mt.run_method(args, "lora", 2e-4, tmp_path, out)
+    assert sorted(calls) == ["lora-0.0002-s0-scored.json", "lora-0.0002-s1-scored.json", "lora-0.0006-s0.json"]
+    assert result["grid"] == {"0.0002": 0.1, "0.0006": 1.0} and result["best_rate"] == 2e-4
+    assert (out / "lora-0.0002-s0.json").is_file()  # the reused result is part of this invocation's results
+    assert not any((out / "runs").iterdir())  # every run's folder removed after its result was read
+
+
 def test_method_table_diverged_grid_and_advised_rates(monkeypatch, tmp_path):
     import method_table as mt
 
@@ -185,7 +217,6 @@ def test_method_table_diverged_grid_and_advised_rates(monkeypatch, tmp_path):
         assert advised[method][0] >= mt.PROMPT_LEARNING_FLOOR
 
 
-@pytest.mark.slow
 def test_method_table_quick_end_to_end():
     record, lines = run_bench(ROOT / "bench" / "method_table.py", "--quick", "--methods", "full,lora", "--grid", "1",
                               "--json", timeout=1800)
@@ -196,3 +227,17 @@ def test_method_table_quick_end_to_end():
         assert len(row["test_scores"]) == 2
     expected = methods["lora"]["test_score"] / methods["full"]["test_score"] if methods["full"]["test_score"] else None
     assert methods["lora"]["relative_to_full"] == (pytest.approx(expected) if expected is not None else None)
+
+
+# ---------------------------------------------------------------- dedup_bench
+def test_dedup_bench_quick_end_to_end():
+    record, lines = run_bench(ROOT / "bench" / "dedup_bench.py", "--n", "2000", "--json")
+    assert {"n", "planted_pairs", "backend", "tunesmith", "baseline", "ratio", "cpu_ratio"} <= set(record)
+    assert record["n"] == 2000 and record["planted_pairs"] == 100
+    for side in ("tunesmith", "baseline"):
+        assert {"seconds", "records_per_s", "recall", "precision", "pairs"} <= set(record[side])
+        assert record[side]["records_per_s"] == pytest.approx(2000 / record[side]["seconds"], rel=0.01)
+    assert record["tunesmith"]["recall"] == 1.0  # every planted pair is found (all are above the threshold)
+    expected = record["tunesmith"]["records_per_s"] / record["baseline"]["records_per_s"]
+    assert record["ratio"] == pytest.approx(expected, abs=0.01)
+    assert lines[-1].startswith(f"ratio={record['ratio']:.2f}")

@@ -113,7 +113,6 @@ def test_bench_metrics_and_invariants():
     assert any("ACC/BWT" in p for p in problems)
 
 
-@pytest.mark.slow
 def test_bench_quick_runs_and_holds_its_invariants(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "bench/continual_bench.py"), "--quick", "--json",
                           "--work", str(tmp_path / "work"), "--md", str(tmp_path / "table.md")],

@@ -7,8 +7,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
-
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "memory_accuracy.py"
 
 
@@ -69,7 +67,6 @@ def test_sharded_case_is_compared_with_the_planners_per_device_figure(tmp_path, 
     assert sharded["predicted_bytes"] < single["predicted_bytes"]
 
 
-@pytest.mark.slow
 def test_quick_runs_tunesmith_train_and_reports(tmp_path, capsys):
     bench = _bench()
     assert bench.main(["--quick", "--json", "--steps", "2", "--work", str(tmp_path)]) == 0

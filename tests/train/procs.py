@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+from tunesmith.serve.testing import free_port
 
 # CPU processes (gloo) even on a machine with GPUs: the CPU path is what these tests check (and on a GPU machine it
 # is the setting of PyTorch issue 132471: fully_shard with a gloo group must not build a CUDA mesh).
@@ -21,12 +22,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", 
 def cpu_only(monkeypatch) -> None:
     """The in-process baseline runs on CPU too (same numerics as the CPU processes it is compared with)."""
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(path: Path, config) -> Path:

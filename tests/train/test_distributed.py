@@ -1,7 +1,6 @@
 """Data-parallel training: 2 CPU processes (gloo) follow the single-process loss curve for the same global batch."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +9,7 @@ import pytest
 import yaml
 
 from tests.train.conftest import read_metrics
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tunesmith.serve.testing import free_port
 
 
 def write_config(path, config):
