@@ -16,7 +16,8 @@ Everything runs in one invocation at one commit. Scores: field_f1 (mean over exa
 Step time: median over steps of (tokens of the step / tokens per second), evaluation and checkpoints left out.
 
     python bench/method_table.py --quick           # tiny model, 2 steps, grid of 2: smoke test
-    python bench/method_table.py --json --md docs/method_table.md   # the full protocol (hours on 2 CPU cores)
+    python bench/method_table.py --json --md table.md --results runs/   # the full protocol (hours on 2 CPU cores)
+    python bench/method_table.py --json --md table.md --reuse runs/     # complete an interrupted one
     python bench/method_table.py --methods lora,qlora --grid 1,3 --steps 30   # a reduced grid
 Last line: ratio=<lora mean test score / full mean test score>; --json prints {"methods": {...}} just before it.
 """
@@ -372,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     from tunesmith.methods.registry import get_method
 
     started = time.perf_counter()
+    # The commit the runs start from (read now: HEAD may move while a long invocation runs).
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     methods = args.methods.split(",")
     with tempfile.TemporaryDirectory(prefix="method-table-") as tmp:
         out = Path(tmp)
@@ -427,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     print(f"total wall time {elapsed:.0f} s")
     if args.md:
-        write_markdown(Path(args.md), text, budget, qlora, elapsed, args)
+        write_markdown(Path(args.md), text, budget, qlora, elapsed, args, commit)
     if args.json:
         keys = ("trainable_params", "peak_memory_bytes", "step_seconds", "adapter_bytes", "advised", "grid",
                 "best_rate", "best_at_edge", "test_scores", "test_score", "relative_to_full", "ood_scores", "ood_score", "merges")
@@ -439,17 +442,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all("error" not in r for r in rows.values()) else 1
 
 
-def write_markdown(path: Path, text: str, budget: str, qlora: dict | None, elapsed: float, args) -> None:
+def write_markdown(path: Path, text: str, budget: str, qlora: dict | None, elapsed: float, args, commit: str) -> None:
     from tunesmith.atomic import write_text
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown CPU")
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores ({cpu}), shared"
     lines = [
         "# The method table, measured", "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- commit: `{commit}` (plus the uncommitted working tree of that moment)",
+        f"- commit at the start: `{commit}` (plus the uncommitted working tree of that moment)",
         f"- machine: {machine}; no GPU",
         f"- command: `python bench/method_table.py {' '.join(sys.argv[1:])}` ({elapsed / 60:.1f} min)",
         f"- budget: {budget}", "",
