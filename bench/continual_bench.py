@@ -163,6 +163,7 @@ class Bench:
     def train(self, model, conversations, tag: str, steps: int | None = None, loss_terms=()):
         from tunesmith.config import TrainConfig
         from tunesmith.recipes.continual import train_stage
+        from tunesmith.records.metrics import read_metrics
 
         config = TrainConfig(max_steps=steps or self.args.steps, batch_size=self.args.batch,
                              learning_rate=self.args.lr, warmup_ratio=0.0, seed=self.args.seed, show_progress=False,
@@ -171,7 +172,7 @@ class Bench:
         state = train_stage(model, self.tokenizer, conversations, config, self.work / "runs" / tag,
                             self.args.seq_len, loss_terms=loss_terms, log=lambda *a: None)
         self.seconds[tag] = round(time.perf_counter() - started, 1)
-        last = [json.loads(line) for line in (self.work / "runs" / tag / "metrics.jsonl").read_text().splitlines()][-1]
+        last = read_metrics(self.work / "runs" / tag / "metrics.jsonl")[-1]
         _log(f"trained {tag}: {state.step} steps in {self.seconds[tag]} s, last train_loss {last.get('train_loss')}"
              + "".join(f", {k} {last[k]:.4g}" for k in ("ewc_penalty", "orthogonal_penalty") if k in last))
         return state

@@ -107,6 +107,7 @@ def run_one(args) -> dict:
 
     from tunesmith.config import load_config
     from tunesmith.recipes.finetune import run_finetune
+    from tunesmith.records.metrics import read_metrics
 
     torch.manual_seed(args.seed)  # same initialisation for every run of a method and seed
     name = args.one
@@ -126,7 +127,7 @@ def run_one(args) -> dict:
     ])
     summary = run_finetune(config, log=lambda *a, **k: None).to_dict()
     run_dir = Path(summary["run_dir"])
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir / "metrics.jsonl")
     step_seconds, previous_tokens = [], 0
     for record in records:
         if "tokens_per_second" in record:

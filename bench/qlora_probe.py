@@ -95,6 +95,7 @@ def dequantization_check(fp32_model, nf4_model) -> dict:
 def train_side_by_side(data: Path, steps: int, lr: float, examples: int) -> dict:
     from tunesmith.config import load_config
     from tunesmith.recipes.finetune import run_finetune
+    from tunesmith.records.metrics import read_metrics
 
     curves = {}
     with tempfile.TemporaryDirectory() as out:
@@ -110,7 +111,7 @@ def train_side_by_side(data: Path, steps: int, lr: float, examples: int) -> dict
             ])
             t0 = time.perf_counter()
             summary = run_finetune(config, log=lambda *a, **k: None).to_dict()
-            records = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+            records = read_metrics(Path(summary["run_dir"]) / "metrics.jsonl")
             curves[name] = {"train_loss": [r["train_loss"] for r in records if "train_loss" in r],
                             "eval_loss": {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r},
                             "precision": summary.get("precision"), "seconds": round(time.perf_counter() - t0, 1)}

@@ -18,12 +18,12 @@ optimizer update; excluded on every side: model loading, data preparation, step 
 allocations and kernel selection) and everything after step N. Step ends are taken at the same point on every
 side: right after the optimizer's step (a global optimizer step post-hook).
 
-After step N each side runs two more steps, outside the window: step N+1 under torch's FlopCounterMode (matmul
-and attention FLOPs of forward and backward, as executed: attention at full T x T per sequence, its flash
-backward as 5 matmuls, torch's formula) and
-step N+2 under torch.profiler, whose self times are grouped into attention, MLP, LoRA, head (projection +
-loss), optimizer, collation and other. Achieved FLOP/s = step N+1's FLOPs per useful token x the window's
-useful tokens/s, against a matmul peak (fp32 1024^3 torch.mm, best of 10) measured in the same child, on the same
+After step N each side runs N more steps, outside the window: steps N+1..2N-1 (as many as were timed) under
+torch's FlopCounterMode (matmul and attention FLOPs of forward and backward, as executed: attention at full T x T
+per sequence, its flash backward as 5 matmuls, torch's formula) and step 2N under torch.profiler, whose self times
+are grouped into attention, MLP, LoRA, head (projection + loss), optimizer, collation and other (and the largest
+ops of "other" are listed). Achieved FLOP/s = the counted steps' FLOPs per useful token x the window's useful
+tokens/s, against a matmul peak (fp32 1024^3 torch.mm, best of 10) measured in the same child, on the same
 threads, right after training.
 
 `--repeats R` runs the three sides in R rotations (order rotated each time); each ratio is taken within one
@@ -59,13 +59,21 @@ CATEGORIES = ("attention", "mlp", "lora", "head", "optimizer", "collation", "oth
 
 # ----------------------------------------------------------------------------------------------- instruments
 class StepInstruments:
-    """Step-end timestamps, plus a FLOP count of step N+1 and a profile of step N+2 (outside the timed window).
+    """Step-end timestamps, plus a FLOP count of the `flop_steps` steps after the timed window and a profile of the
+    step after those (all outside the timed window).
+
+    The FLOP count runs after the window because FlopCounterMode slows a step by ~14% (measured on the reference
+    model, 4 x 512, LoRA). It spans as many steps as were timed, so that FLOPs per useful token are averaged over a
+    comparable mix of batches: packed steps all cost about the same FLOPs but carry different numbers of useful tokens
+    (3,118 to 4,087 of 4,096 positions on the long-tailed data), and a single counted step made the utilisation of
+    2026-12-01 (before this fix) depend on which batch it was (59% from one step, 45% from FLOPs / mean step time).
 
     A step ends at the same point on every side: right after the optimizer's step (torch's global optimizer
     step post-hook, which fires for the Trainer's accelerate-wrapped optimizer and tunesmith's alike)."""
 
-    def __init__(self, timed_steps: int, on_step_end=None):
+    def __init__(self, timed_steps: int, on_step_end=None, flop_steps: int | None = None):
         self.timed_steps = timed_steps
+        self.flop_steps = max(1, timed_steps - 1 if flop_steps is None else flop_steps)
         self.on_step_end = on_step_end
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -75,6 +83,15 @@ class StepInstruments:
         self.profiler = None
         self.flops = 0
 
+    @property
+    def total_steps(self) -> int:
+        return self.steps_needed(self.timed_steps, self.flop_steps)
+
+    @staticmethod
+    def steps_needed(timed_steps: int, flop_steps: int | None = None) -> int:
+        """Optimizer steps a side must run: the timed window, the FLOP-counted steps and the profiled step."""
+        return timed_steps + max(1, timed_steps - 1 if flop_steps is None else flop_steps) + 1
+
     def step_end(self) -> None:
         self.ends.append(time.perf_counter())
         if self.on_step_end is not None:
@@ -83,14 +100,14 @@ class StepInstruments:
         if done == self.timed_steps:
             self.flop_counter = flop_counter()
             self.flop_counter.__enter__()
-        elif done == self.timed_steps + 1 and self.flop_counter is not None:
+        elif done == self.timed_steps + self.flop_steps and self.flop_counter is not None:
             self.flop_counter.__exit__(None, None, None)
             self.flops = int(self.flop_counter.get_total_flops())
             import torch
 
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
             self.profiler.__enter__()
-        elif done == self.timed_steps + 2 and self.profiler is not None:
+        elif done == self.total_steps and self.profiler is not None:
             self.profiler.__exit__(None, None, None)
 
     def window_seconds(self) -> float:
@@ -190,18 +207,20 @@ def model_dims(config, rank: int) -> dict[str, int]:
 
 def finish(instruments: StepInstruments, tokens_per_step: list[int], dims: dict[str, int]) -> dict:
     """The child's measured record; steps are 1-based, tokens_per_step[i] = useful tokens of step i+1."""
-    n = instruments.timed_steps
+    n, k = instruments.timed_steps, instruments.flop_steps
     window_tokens = sum(tokens_per_step[1:n])
     seconds = instruments.window_seconds()
-    flops_per_token = instruments.flops / tokens_per_step[n] if tokens_per_step[n] else 0.0
+    counted_tokens = sum(tokens_per_step[n:n + k])  # the useful tokens of the FLOP-counted steps n+1..n+k
+    flops_per_token = instruments.flops / counted_tokens if counted_tokens else 0.0
     tokens_per_second = window_tokens / seconds
-    profile_seconds = instruments.ends[n + 1] - instruments.ends[n]
+    profile_seconds = instruments.ends[n + k] - instruments.ends[n + k - 1]
     categories = categorize_profile(instruments.profiler, dims) if instruments.profiler is not None else {}
     peak = matmul_peak_flops()
     achieved = flops_per_token * tokens_per_second
     return {"useful_tokens": window_tokens, "seconds": seconds, "useful_tokens_per_second": tokens_per_second,
             "timed_steps": f"2..{n}", "step_seconds": [round(b - a, 4) for a, b in zip(instruments.ends, instruments.ends[1:n], strict=False)],
-            "tokens_per_step": tokens_per_step[: n + 2], "flops_step": instruments.flops,
+            "tokens_per_step": tokens_per_step[: n + k + 1], "flops_counted_steps": f"{n + 1}..{n + k}",
+            "flops_counted": instruments.flops,
             "flops_per_token": flops_per_token, "achieved_flops": achieved, "matmul_peak_flops": peak,
             "utilisation": achieved / peak, "profile_step_seconds": profile_seconds,
             "profile_seconds": {k: round(v, 4) for k, v in categories.items()},
@@ -213,6 +232,7 @@ def child_tunesmith(args) -> dict:
     import tunesmith.train.loop as loop
     from tunesmith.config import load_config
     from tunesmith.recipes.finetune import run_finetune
+    from tunesmith.records.metrics import read_metrics
 
     instruments = StepInstruments(args.steps)
     collate = loop.collate
@@ -227,13 +247,13 @@ def child_tunesmith(args) -> dict:
     config = load_config(None, [
         f"model.name_or_path={args.model}", f"data.train=[{args.data}]", "data.validation_fraction=0",
         f"data.max_seq_len={args.seq_len}", "data.packing=true", f"train.batch_size={args.batch}",
-        f"train.max_steps={args.steps + 2}", "train.learning_rate=2e-4", "train.show_progress=false",
+        f"train.max_steps={instruments.total_steps}", "train.learning_rate=2e-4", "train.show_progress=false",
         "train.precision=fp32", "train.logging_steps=1", f"method.lora.r={args.rank}",
         f"method.lora.alpha={2 * args.rank}", "method.lora.dropout=0.05", "method.lora.target_modules=all-linear",
         f"output.dir={args.out}", "output.name=tunesmith", "output.register_run=false", "train.save_steps=100000",
     ])
     run_finetune(config, log=lambda *a, **k: None)
-    records = [json.loads(x) for x in (Path(args.out) / "tunesmith/metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(Path(args.out) / "tunesmith/metrics.jsonl")
     cumulative = [r["tokens"] for r in records if "tokens" in r]
     tokens_per_step = [b - a for a, b in zip([0, *cumulative], cumulative, strict=False)]
     from transformers import AutoConfig
@@ -290,7 +310,7 @@ def _common_args(args) -> dict:
     import torch
 
     return {"output_dir": str(Path(args.out) / "side"), "per_device_train_batch_size": args.batch,
-            "max_steps": args.steps + 2, "learning_rate": 2e-4, "bf16": False, "fp16": False,
+            "max_steps": StepInstruments.steps_needed(args.steps), "learning_rate": 2e-4, "bf16": False, "fp16": False,
             "use_cpu": not torch.cuda.is_available(), "report_to": [], "save_strategy": "no", "logging_steps": 1,
             "dataloader_num_workers": 0, "seed": 0, "disable_tqdm": True, "max_grad_norm": 1.0}
 
@@ -461,7 +481,7 @@ def main(argv=None) -> int:
             args.data = str(long_tailed(Path(args.data), workdir / "long_tailed.jsonl", args.long_tailed))
     elif not Path(args.data).is_file():
         raise SystemExit(f"--data: {args.data} is not a file (give a JSONL of conversations or instructions)")
-    print(f"model={args.model} data={args.data} steps=1+{args.steps - 1} timed (+2 for FLOPs/profile) "
+    print(f"model={args.model} data={args.data} steps=1+{args.steps - 1} timed (+{args.steps - 1} FLOP-counted, +1 profiled) "
           f"batch={args.batch} seq_len={args.seq_len} rank={args.rank} threads={args.threads} repeats={args.repeats}"
           f" load={os.getloadavg()[0]:.2f} concurrent={args.concurrent}", flush=True)
     rotations = []

@@ -74,6 +74,25 @@ def test_flop_counter_counts_cpu_attention_and_matmuls():
     assert counter.get_total_flops() == attention * 3.5 + 3 * projection
 
 
+def test_train_throughput_flops_per_token_averages_the_counted_steps():
+    """FLOPs are counted over as many steps as were timed, after the window, and divided by those steps' own useful
+    tokens (one counted step made the utilisation depend on which batch it was)."""
+    from types import SimpleNamespace
+
+    import train_throughput as tt
+
+    ends = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0]  # the ends of steps 1..8
+    instruments = SimpleNamespace(timed_steps=4, flop_steps=3, flops=9000, ends=ends, profiler=None,
+                                  window_seconds=lambda: ends[3] - ends[0])
+    tokens = [10, 100, 100, 100, 200, 300, 400, 50]
+    record = tt.finish(instruments, tokens, {"vocab": 1, "intermediate": 2, "rank": 3})
+    assert record["useful_tokens"] == 300 and record["useful_tokens_per_second"] == 100  # steps 2..4 in 3 s
+    assert record["flops_per_token"] == 9000 / (200 + 300 + 400)  # steps 5..7
+    assert record["achieved_flops"] == pytest.approx(1000) and record["flops_counted_steps"] == "5..7"
+    assert record["profile_step_seconds"] == 2.0  # step 8
+    assert tt.StepInstruments.steps_needed(4) == 8 and tt.StepInstruments.steps_needed(2) == 4
+
+
 def test_train_throughput_tiny_end_to_end():
     pytest.importorskip("trl", reason="the TRL side needs trl (in the test and bench extras)")
     record, lines = run_bench(ROOT / "bench" / "train_throughput.py", "--tiny", "--steps", "2", "--batch", "2", "--json")

@@ -15,13 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from tunesmith.atomic import atomic_file  # noqa: E402
-from tunesmith.records.metrics import parse_metrics_lines  # noqa: E402
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of metrics.jsonl in file order; a bad line raises ValueError naming file and line."""
-    with open(path, encoding="utf-8") as handle:
-        return parse_metrics_lines(handle, path)
+from tunesmith.records.metrics import read_metrics  # noqa: E402,F401 - re-exported for eval.diagnose and callers
 
 
 def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:

@@ -1,6 +1,7 @@
 """metrics.jsonl: one JSON object per optimizer step (step, train_loss, eval_loss, lr, epoch, tokens, grad_norm...).
 
-Parsed in one place for the loss-curve plots (eval/plots.py) and the dashboard (ui/sources.py)."""
+Parsed in one place for the loss-curve plots (eval/plots.py), the diagnosis, the dashboard (ui/sources.py) and the
+benches."""
 
 from __future__ import annotations
 
@@ -26,3 +27,9 @@ def parse_metrics_lines(lines: Iterable[str], path: str | Path) -> list[dict[str
             raise UsageError(f"{path}:{number}: expected a JSON object per line")
         records.append(record)
     return records
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Records of metrics.jsonl in file order; a bad line raises UsageError naming file and line."""
+    with open(path, encoding="utf-8") as handle:
+        return parse_metrics_lines(handle, path)
