@@ -97,12 +97,16 @@ class StepInstruments:
         if self.on_step_end is not None:
             self.on_step_end()
         done = len(self.ends)
-        if done == self.timed_steps:
+        # One counter per counted step: with one counter kept open over 7 steps the tunesmith side peaked at 22.8 GiB
+        # (long-tailed data, 4 x 1,024), against 15.7 GiB with a single counted step; the machine has 23 GB.
+        if self.flop_counter is not None:
+            self.flop_counter.__exit__(None, None, None)
+            self.flops += int(self.flop_counter.get_total_flops())
+            self.flop_counter = None
+        if self.timed_steps <= done < self.timed_steps + self.flop_steps:
             self.flop_counter = flop_counter()
             self.flop_counter.__enter__()
-        elif done == self.timed_steps + self.flop_steps and self.flop_counter is not None:
-            self.flop_counter.__exit__(None, None, None)
-            self.flops = int(self.flop_counter.get_total_flops())
+        elif done == self.timed_steps + self.flop_steps:
             import torch
 
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
