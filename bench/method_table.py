@@ -215,19 +215,15 @@ def child(args, name: str, data: Path, out: Path, rate: float, seed: int, score:
     environment = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
                    "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     with SLOTS:  # at most --workers training children at once, whichever method they belong to
+        t0 = time.perf_counter()  # the run's own wall time, not its wait for a slot
         completed = subprocess.run(command, env=environment, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
     if not args.keep_runs:  # the result file has what the table needs; a full fine-tuning run's folder is ~3.6 GB
         shutil.rmtree(out / "runs" / result.stem, ignore_errors=True)
     if completed.returncode != 0:
         tail = "\n".join(completed.stderr.strip().splitlines()[-15:])
-        return {"error": f"exit {completed.returncode}: {tail}"}
-    return json.loads(result.read_text())
-
-
-def timed_child(args, name: str, data: Path, out: Path, rate: float, seed: int, score: bool) -> dict:
-    t0 = time.perf_counter()
-    row = child(args, name, data, out, rate, seed, score)
-    return {**row, "seconds": time.perf_counter() - t0}
+        return {"error": f"exit {completed.returncode}: {tail}", "seconds": seconds}
+    return {**json.loads(result.read_text()), "seconds": seconds}
 
 
 def run_method(args, name: str, advised: float, data: Path, out: Path) -> dict:
@@ -237,7 +233,7 @@ def run_method(args, name: str, advised: float, data: Path, out: Path) -> dict:
     the machine stays busy until the last run, although methods differ several-fold in run time."""
     rates = grid(advised, args.grid)
     with ThreadPoolExecutor(max_workers=len(rates)) as pool:
-        futures = {rate: pool.submit(timed_child, args, name, data, out, rate, SEEDS[0], False) for rate in rates}
+        futures = {rate: pool.submit(child, args, name, data, out, rate, SEEDS[0], False) for rate in rates}
         runs = {rate: future.result() for rate, future in futures.items()}
     for rate, run in runs.items():
         loss = run.get("best_eval_loss")
@@ -251,7 +247,7 @@ def run_method(args, name: str, advised: float, data: Path, out: Path) -> dict:
         return {"error": "every rate of the grid failed or diverged", "grid": grid_record, "advised": advised}
     best = min(finite, key=finite.get)
     with ThreadPoolExecutor(max_workers=len(SEEDS)) as pool:
-        futures = {seed: pool.submit(timed_child, args, name, data, out, best, seed, True) for seed in SEEDS}
+        futures = {seed: pool.submit(child, args, name, data, out, best, seed, True) for seed in SEEDS}
         seeds = {seed: future.result() for seed, future in futures.items()}
     for seed, run in seeds.items():
         print(f"{name} lr {best:g} seed {seed}: test {run.get('test_score')} ({run.get('seconds', 0):.0f} s)",
