@@ -82,12 +82,18 @@ def test_quick_runs_tunesmith_train_and_reports(tmp_path, capsys):
 def test_repeats_report_the_worst_run_and_each_cases_spread():
     bench = _bench()
     mib = 2**20
-    rows = [{"case": "lora-s1024-b2-ckpt", "repeat": 1, "peak_rss_bytes": 3000 * mib, "relative_error": -0.016},
-            {"case": "lora-s1024-b2", "repeat": 1, "peak_rss_bytes": 6000 * mib, "relative_error": -0.02},
-            {"case": "lora-s1024-b2-ckpt", "repeat": 2, "peak_rss_bytes": 2320 * mib, "relative_error": 0.272},
+    rows = [{"case": "lora-s1024-b2-ckpt", "repeat": 1, "peak_rss_bytes": 3000 * mib, "relative_error": -0.016,
+             "predicted_bytes": 2952 * mib},
+            {"case": "lora-s1024-b2", "repeat": 1, "peak_rss_bytes": 6000 * mib, "relative_error": -0.02,
+             "predicted_bytes": 5880 * mib},
+            {"case": "lora-s1024-b2-ckpt", "repeat": 2, "peak_rss_bytes": 2320 * mib, "relative_error": 0.272,
+             "predicted_bytes": 2952 * mib},
             {"case": "lora-s1024-b2", "repeat": 2, "returncode": 1}]
     summary = bench.summarize(rows)
     assert summary["cases"] == 2 and summary["runs"] == 4 and summary["measured"] == 3
     assert summary["worst_relative_error"] == 0.272 and summary["worst_case"] == "lora-s1024-b2-ckpt"  # not the mean
     assert summary["measured_spread_mib"] == {"lora-s1024-b2-ckpt": 680}
     assert summary["failed"] == ["lora-s1024-b2"]
+    # the budget view, beside (not instead of) the per-run worst: each case against its highest run
+    assert summary["relative_error_vs_case_max"] == {"lora-s1024-b2-ckpt": -0.016, "lora-s1024-b2": -0.02}
+    assert summary["worst_relative_error_vs_case_max"] == -0.02 and summary["worst_case_vs_case_max"] == "lora-s1024-b2"
