@@ -146,6 +146,11 @@ def estimate_memory(f: ModelFacts, method: MethodConfig, setup: TrainSetup) -> M
     # fitted share of the forward pass's layer allocations is lost to retention/fragmentation on top.
     retained = act.saved_bytes if setup.device == "cpu" else 0
     retention = int(ALLOCATOR_RETENTION[setup.device] * act.forward_layer_bytes)
+    if setup.device == "cpu" and setup.gradient_checkpointing:
+        # Measured, not modelled: the same checkpointed config peaked up to ~25% apart from run to run on a CPU
+        # (bf16 autocast; glibc's heap, cause not isolated: docs/benchmarks.md, "Memory estimate").
+        notes.append("CPU + gradient checkpointing: the real peak varies from run to run (measured up to ~25% "
+                     "below this figure in some runs); the figure is meant for the high runs")
     if setup.gradient_accumulation_steps > 1:
         total = persistent + gradients + max(activations, step_temp + retained) + retention
         notes.append("gradient accumulation: gradients live through the forward pass and are added in full")

@@ -126,7 +126,8 @@ def assumptions(req: PlanRequest, start: Start, data: dict | None) -> list[str]:
         "peak = persistent state + max(activations at the start of backward, gradients at the optimizer step); with accumulation the gradients are added"
         + ("; CPU (whole-process RSS, glibc malloc): + the freed activation heap kept through the optimizer step + "
            f"{ALLOCATOR_RETENTION['cpu']:.0%} of the forward pass's layer allocations (heap retention, fitted on other shapes "
-           "than those docs/benchmarks.md reports)" if req.device == "cpu" else ""),
+           "than those docs/benchmarks.md reports); with checkpointing the real peak varies from run to run (measured up "
+           "to ~25% below the figure in some runs, which is meant for the high runs)" if req.device == "cpu" else ""),
         "sharded = FSDP2 full sharding (train.sharding=fsdp, launched with torchrun; parameters, gradients, optimizer / N, "
         "+ two unsharded layers; prompt learning is not sharded); replicated = data parallel; QLoRA under FSDP2 is not tested by tunesmith",
         "learning rate not scaled: the effective batch is kept constant by gradient accumulation",
