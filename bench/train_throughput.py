@@ -73,7 +73,7 @@ class StepInstruments:
 
     def __init__(self, timed_steps: int, on_step_end=None, flop_steps: int | None = None):
         self.timed_steps = timed_steps
-        self.flop_steps = max(1, timed_steps - 1 if flop_steps is None else flop_steps)
+        self.flop_steps = self.counted_steps(timed_steps, flop_steps)
         self.on_step_end = on_step_end
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -88,9 +88,14 @@ class StepInstruments:
         return self.steps_needed(self.timed_steps, self.flop_steps)
 
     @staticmethod
-    def steps_needed(timed_steps: int, flop_steps: int | None = None) -> int:
+    def counted_steps(timed_steps: int, flop_steps: int | None = None) -> int:
+        """FLOP-counted steps: as many as were timed (steps 2..N) unless given."""
+        return max(1, timed_steps - 1 if flop_steps is None else flop_steps)
+
+    @classmethod
+    def steps_needed(cls, timed_steps: int, flop_steps: int | None = None) -> int:
         """Optimizer steps a side must run: the timed window, the FLOP-counted steps and the profiled step."""
-        return timed_steps + max(1, timed_steps - 1 if flop_steps is None else flop_steps) + 1
+        return timed_steps + cls.counted_steps(timed_steps, flop_steps) + 1
 
     def step_end(self) -> None:
         self.ends.append(time.perf_counter())

@@ -326,12 +326,12 @@ def test_cpu_total_adds_heap_retention_gpu_does_not():
     assert est.total == persistent + branch + est.allocator_retention
     gpu = estimate_memory(facts, method, TrainSetup(batch_size=1, seq_len=256))
     assert gpu.allocator_retention == 0
+    assert gpu.total == gpu.weights + gpu.trainable + gpu.optimizer + gpu.overhead + max(
+        gpu.activations + gpu.head_gradient, gpu.gradients + gpu.step_temporaries)
     lora = MethodConfig(name="lora")
     ckpt = dict(batch_size=1, seq_len=256, gradient_checkpointing=True)
     assert any("varies from run to run" in n for n in estimate_memory(facts, lora, TrainSetup(**ckpt, device="cpu")).notes)
     assert not any("varies" in n for n in estimate_memory(facts, lora, TrainSetup(**ckpt)).notes)  # GPU: no such note
-    assert gpu.total == gpu.weights + gpu.trainable + gpu.optimizer + gpu.overhead + max(
-        gpu.activations + gpu.head_gradient, gpu.gradients + gpu.step_temporaries)
 
 
 def get_method_bytes(facts, method) -> float:

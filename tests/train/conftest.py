@@ -5,6 +5,7 @@ import json
 import pytest
 
 from tunesmith.config import load_config
+from tunesmith.records import metrics as records_metrics
 
 
 @pytest.fixture(scope="session")
@@ -34,4 +35,4 @@ def make_config(tmp_path, tiny_model_dir, small_data):
 
 
 def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return records_metrics.read_metrics(run_dir / "metrics.jsonl")

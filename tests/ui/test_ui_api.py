@@ -83,7 +83,8 @@ def test_run_detail(client):
 # ----------------------------------------------------------------------------------------------- curves
 def test_curves_are_the_numbers_loss_curves_png_plots(real_run):
     """The chart's series are eval.plots.series over metrics.jsonl: the function that draws loss_curves.png."""
-    from tunesmith.eval.plots import read_metrics, series
+    from tunesmith.eval.plots import series
+    from tunesmith.records.metrics import read_metrics
 
     client = TestClient(create_app(Catalog(real_run["url"], real_run["runs"])))
     body = client.get("/api/curves", params={"id": "real@1"}).json()

@@ -32,7 +32,8 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from tunesmith.eval.plots import read_metrics, series
+from tunesmith.eval.plots import series
+from tunesmith.records.metrics import read_metrics
 
 SPIKE_RELATIVE = 0.3  # a spike is > 30% above the surrounding level ...
 SPIKE_SIGMAS = 5.0  # ... and > 5 robust noise sigmas above it

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from tunesmith.atomic import atomic_file  # noqa: E402
-from tunesmith.records.metrics import read_metrics  # noqa: E402,F401 - re-exported for eval.diagnose and callers
+from tunesmith.records.metrics import read_metrics  # noqa: E402
 
 
 def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:

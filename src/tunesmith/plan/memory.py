@@ -52,6 +52,10 @@ OVERHEAD_BYTES = {"cuda": int(1.0 * GiB), "cpu": 525 * 1024**2}
 # in one forward pass (`forward_layer_bytes`; measured 0.13-0.66 of it). FITTED (not derived) on other shapes than
 # the reported ones: docs/benchmarks.md, "Memory estimate", fit set.
 ALLOCATOR_RETENTION = {"cuda": 0.0, "cpu": 0.4}
+# Measured, not modelled: the same checkpointed config peaked up to ~25% apart from run to run on a CPU (bf16 autocast;
+# glibc heap fragmentation over identical live tensors: docs/benchmarks.md, "Memory estimate").
+CPU_CHECKPOINT_SPREAD = ("the real peak varies from run to run (measured up to ~25% below this figure in some runs, "
+                         "which is meant for the high runs)")
 
 
 @dataclass
@@ -147,10 +151,7 @@ def estimate_memory(f: ModelFacts, method: MethodConfig, setup: TrainSetup) -> M
     retained = act.saved_bytes if setup.device == "cpu" else 0
     retention = int(ALLOCATOR_RETENTION[setup.device] * act.forward_layer_bytes)
     if setup.device == "cpu" and setup.gradient_checkpointing:
-        # Measured, not modelled: the same checkpointed config peaked up to ~25% apart from run to run on a CPU
-        # (bf16 autocast; glibc's heap, cause not isolated: docs/benchmarks.md, "Memory estimate").
-        notes.append("CPU + gradient checkpointing: the real peak varies from run to run (measured up to ~25% "
-                     "below this figure in some runs); the figure is meant for the high runs")
+        notes.append(f"CPU + gradient checkpointing: {CPU_CHECKPOINT_SPREAD}")
     if setup.gradient_accumulation_steps > 1:
         total = persistent + gradients + max(activations, step_temp + retained) + retention
         notes.append("gradient accumulation: gradients live through the forward pass and are added in full")

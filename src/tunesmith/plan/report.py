@@ -19,7 +19,7 @@ from tunesmith.errors import UsageError
 from tunesmith.methods.registry import all_methods, get_method
 from tunesmith.models.facts import ModelFacts, model_facts
 from tunesmith.plan.advice import decide, hyperparameters
-from tunesmith.plan.memory import ALLOCATOR_RETENTION, OVERHEAD_BYTES, GiB, gpus_needed
+from tunesmith.plan.memory import ALLOCATOR_RETENTION, CPU_CHECKPOINT_SPREAD, OVERHEAD_BYTES, GiB, gpus_needed
 from tunesmith.plan.solve import USABLE_FRACTION, Budget, Knobs, Start, evaluate, launch_line, solve, train_dtypes
 from tunesmith.records.plan import MethodPlan, PlanReport
 
@@ -126,8 +126,7 @@ def assumptions(req: PlanRequest, start: Start, data: dict | None) -> list[str]:
         "peak = persistent state + max(activations at the start of backward, gradients at the optimizer step); with accumulation the gradients are added"
         + ("; CPU (whole-process RSS, glibc malloc): + the freed activation heap kept through the optimizer step + "
            f"{ALLOCATOR_RETENTION['cpu']:.0%} of the forward pass's layer allocations (heap retention, fitted on other shapes "
-           "than those docs/benchmarks.md reports); with checkpointing the real peak varies from run to run (measured up "
-           "to ~25% below the figure in some runs, which is meant for the high runs)" if req.device == "cpu" else ""),
+           f"than those docs/benchmarks.md reports); with checkpointing {CPU_CHECKPOINT_SPREAD}" if req.device == "cpu" else ""),
         "sharded = FSDP2 full sharding (train.sharding=fsdp, launched with torchrun; parameters, gradients, optimizer / N, "
         "+ two unsharded layers; prompt learning is not sharded); replicated = data parallel; QLoRA under FSDP2 is not tested by tunesmith",
         "learning rate not scaled: the effective batch is kept constant by gradient accumulation",

@@ -67,7 +67,7 @@ _METRICS_CACHE: dict[str, tuple[tuple[int, int], list[dict[str, Any]]]] = {}
 
 
 def read_metrics_live(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl records in file order, like `eval.plots.read_metrics`, except that a last line without its
+    """metrics.jsonl records in file order, like `records.metrics.read_metrics`, except that a last line without its
     newline (the trainer is writing it right now) is left for the next poll instead of raising. Cached by
     (mtime, size), so polling an unchanged file costs one stat."""
     stat = path.stat()
