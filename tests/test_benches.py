@@ -260,3 +260,15 @@ def test_dedup_bench_quick_end_to_end():
     expected = record["tunesmith"]["records_per_s"] / record["baseline"]["records_per_s"]
     assert record["ratio"] == pytest.approx(expected, abs=0.01)
     assert lines[-1].startswith(f"ratio={record['ratio']:.2f}")
+
+
+# ---------------------------------------------------------------- dropout_speed
+def test_dropout_speed_quick_end_to_end():
+    record, lines = run_bench(ROOT / "bench" / "dropout_speed.py", "--tokens", "256", "--iterations", "2",
+                              "--repeats", "3", "--json")
+    assert {"threads", "tokens", "inputs", "p", "rotations", "ratio"} <= set(record)
+    assert len(record["rotations"]) == 3
+    for rotation in record["rotations"]:
+        assert rotation["ratio"] == pytest.approx(rotation["torch"] / rotation["tunesmith"])
+    assert record["ratio"] == pytest.approx(sorted(r["ratio"] for r in record["rotations"])[1])
+    assert lines[-1].startswith(f"ratio={record['ratio']:.2f}")

@@ -37,6 +37,7 @@ from peft import PeftModel
 
 from tunesmith.atomic import atomic_dir
 from tunesmith.methods.base import MethodError
+from tunesmith.methods.dropout import use_bulk_dropout
 
 COMBINATIONS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "ties_svd", "dare_linear_svd")
 EXACT = ("cat",)
@@ -98,6 +99,7 @@ def add_progressive_adapter(model: PeftModel, name: str, lora_config, frozen: li
     if name in model.peft_config:
         raise MethodError(f"an adapter named {name!r} is already loaded")
     model.add_adapter(name, lora_config)
+    use_bulk_dropout(model)  # the new adapter's dropout, as LoraMethod.apply does (methods/dropout.py)
     activate(model, [*frozen, name], trainable=[name])
     return model
 

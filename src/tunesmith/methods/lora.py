@@ -195,7 +195,11 @@ class LoraMethod(Method):
     def apply(self, model: nn.Module, config: MethodConfig) -> nn.Module:
         from peft import get_peft_model
 
-        return get_peft_model(model, lora_config(config))
+        from tunesmith.methods.dropout import use_bulk_dropout
+
+        model = get_peft_model(model, lora_config(config))
+        use_bulk_dropout(model)  # the same dropout, drawn ~4x faster on CPUs (methods/dropout.py)
+        return model
 
     def save(self, model: nn.Module, directory: Path, config: MethodConfig, base_model: str) -> None:
         for peft_config in model.peft_config.values():

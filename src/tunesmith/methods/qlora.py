@@ -201,7 +201,11 @@ class QLoraMethod(LoraMethod):
         from tunesmith.models.load import keep_4bit_kernels
 
         keep_4bit_kernels(model)  # also for bases loaded outside models.load (see there)
-        return get_peft_model(model, lora_config(config))
+        from tunesmith.methods.dropout import use_bulk_dropout
+
+        model = get_peft_model(model, lora_config(config))
+        use_bulk_dropout(model)  # the same dropout, drawn ~4x faster on CPUs (methods/dropout.py)
+        return model
 
     def merge(self, model: nn.Module) -> nn.Module:
         """Dequantize the base to its compute dtype, then merge LoRA into the plain weights (see module doc)."""

@@ -121,7 +121,9 @@ def forward_loss(model, method, batch: dict[str, torch.Tensor], precision: str, 
     dtype = autocast_dtype(precision)
     try:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(**inputs).logits  # selective: (1, labelled positions, vocab)
+            # use_cache=False: transformers 5 builds a KV cache whenever config.use_cache is on, training included
+            # (a copy of every layer's keys and values, held to the end of the forward pass).
+            logits = model(**inputs, use_cache=False).logits  # selective: (1, labelled positions, vocab)
     finally:
         if handle is not None:
             handle.remove()
