@@ -149,13 +149,14 @@ CASES = [
 def test_activation_formula_matches_saved_tensors(name, options, ckpt):
     """Widths chosen so that hidden, heads*head_dim, kv width and intermediate all differ (6 layers, 2 x 24).
     Bottleneck adapters come from tunesmith's own method (skipped until it is registered)."""
-    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
     model, facts = _widths_model()
     method = MethodConfig.model_validate({"name": name, **options})
-    if name == "lora":
-        lo = method.lora
-        model = get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=2 * lo.r, lora_dropout=lo.dropout, target_modules=lo.target_modules, task_type="CAUSAL_LM"))
+    if name == "lora":  # the method's own apply: peft + its CPU dropout (methods/dropout.py keeps a bool mask)
+        from tunesmith.methods.registry import get_method
+
+        model = get_method("lora").apply(model, method)
     elif name == "prompt":
         model = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
     elif name == "prefix":
