@@ -153,7 +153,7 @@ def test_activation_formula_matches_saved_tensors(name, options, ckpt):
 
     model, facts = _widths_model()
     method = MethodConfig.model_validate({"name": name, **options})
-    if name == "lora":  # the method's own apply: peft + its CPU dropout (methods/dropout.py keeps a bool mask)
+    if name == "lora":  # the method's own apply: peft + its CPU dropout (methods/dropout.py)
         from tunesmith.methods.registry import get_method
 
         model = get_method("lora").apply(model, method)

@@ -13,9 +13,8 @@ Semantics, for an element x and rate p:
     out = 0 with probability p', else x / (1 - p'), each element independently
 so the expectation is exactly x, as with torch's dropout. The generator is torch's default CPU generator: a seeded
 run is reproducible, and activation checkpointing (which restores the CPU RNG state before recomputing) replays the
-same mask. Autograd keeps only the bool mask (1 byte per element), as CUDA's fused dropout does (torch's CPU
-dropout keeps the fp32 scaled mask, 4 bytes): the planner's LoRA terms count 1 byte (methods/lora.py). Tensors on
-other devices go through `F.dropout` (CUDA's is one fused kernel).
+same mask. What autograd keeps is what torch's CPU dropout keeps (the fp32 scaled mask), so the planner's memory
+terms are unchanged. Tensors on other devices go through `F.dropout` (CUDA's is one fused kernel).
 """
 
 from __future__ import annotations
@@ -26,28 +25,6 @@ from torch import nn
 
 LANE_BITS = 15
 LANE_MASK = (1 << LANE_BITS) - 1
-
-
-def bulk_keep_mask(shape: torch.Size, threshold: int, device: torch.device) -> torch.Tensor:
-    """Bool mask of `shape`: True (kept) where a 15-bit uniform is >= threshold; four lanes per 64-bit draw."""
-    n = shape.numel()
-    words = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_()
-    return words.view(torch.int16).bitwise_and_(LANE_MASK)[:n].ge(threshold).view(shape)
-
-
-class _MaskedScale(torch.autograd.Function):
-    """x * keep * scale, saving only the bool mask (1 byte per element, as CUDA's fused dropout does)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return x.mul(keep).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None, None
 
 
 class BulkDropout(nn.Dropout):
@@ -61,8 +38,11 @@ class BulkDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0 or x.device.type != "cpu" or not x.is_floating_point():
             return F.dropout(x, self.p, self.training)
-        return _MaskedScale.apply(x, bulk_keep_mask(x.shape, self.threshold, x.device),
-                                  1.0 / (1.0 - self.p_effective))
+        n = x.numel()
+        words = torch.empty(-(-n // 4), dtype=torch.int64, device=x.device).random_()
+        lanes = words.view(torch.int16).bitwise_and_(LANE_MASK)[:n].view(x.shape)
+        noise = lanes.ge(self.threshold).to(x.dtype).mul_(1.0 / (1.0 - self.p_effective))
+        return x * noise
 
     def extra_repr(self) -> str:
         return f"p={self.p} (drawn at {self.p_effective:.7f})"

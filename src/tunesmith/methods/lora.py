@@ -118,9 +118,7 @@ def lora_layer_elements(f: ModelFacts, lo: LoraOptions) -> float:
 
         frozen core + h if a target without dropout reads the attention norm output (q/k/v)
                     + h ... the MLP norm output (gate/up);  + i ... the MLP product (down)
-                    + 1.25*in per target with dropout (the dropped input, and its 1-byte bool mask: methods/dropout.py
-                      on CPUs, CUDA's fused dropout; counted at fp32 width, so under 16-bit weights the mask's
-                      half element is under-counted by 0.25*in)
+                    + 2*in per target with dropout (the dropped input and its mask, both at activation width)
                     + r per target (the A output that B saves)
     """
     layer0 = [m for m in lora_targets(f, lo.target_modules) if m.layer == 0]
@@ -129,7 +127,7 @@ def lora_layer_elements(f: ModelFacts, lo: LoraOptions) -> float:
         if lo.dropout == 0 and any(m.short in group for m in layer0):
             extra += width
     if lo.dropout > 0:
-        extra += sum(1.25 * m.in_features for m in layer0)
+        extra += sum(2 * m.in_features for m in layer0)
     extra += lo.r * len(layer0)
     return frozen_core_elements(f) + extra
 
@@ -137,13 +135,13 @@ def lora_layer_elements(f: ModelFacts, lo: LoraOptions) -> float:
 def lora_layer_autocast_bytes(f: ModelFacts, lo: LoraOptions) -> float:
     """Bytes per token per layer under 16-bit autocast on fp32 weights (measured, plan/activations.py):
         frozen core (key/value heads repeated under packing's 4-D mask)
-        + per target with dropout: its bool mask (1 * in) and the 16-bit cast of the dropped input A reads (2 * in)
+        + per target with dropout: its fp32 mask (4 * in) and the 16-bit cast of the dropped input A reads (2 * in)
         + per target without dropout: A's own 16-bit cast of the input (2 * in; each matmul casts it again, so
           targets reading the same norm output do not share it as they do in fp32)
         + per target: A's 16-bit output that B keeps (2 * r)
     """
     layer0 = [m for m in lora_targets(f, lo.target_modules) if m.layer == 0]
-    per_in = 3 if lo.dropout > 0 else 2
+    per_in = 6 if lo.dropout > 0 else 2
     return frozen_core_autocast_bytes(f) + sum(per_in * m.in_features + 2 * lo.r for m in layer0)
 
 

@@ -11,7 +11,7 @@ tests/plan/test_plan_memory.py re-measures them on a tiny model (within 8%). Ele
     frozen base ("core"):         2h + 2q + 3i + 2k + a + 2
       + h   if a LoRA target without dropout reads the attention norm output (q/k/v)
       + h   ... the MLP norm output (gate/up);  + i  ... the MLP product (down)
-      + 1.25*in per LoRA target with dropout (the dropped input + its 1-byte bool mask: methods/dropout.py)
+      + 2*in  per LoRA target with dropout (the dropped input and its mask, both saved at activation width)
       + r   per LoRA target (the A output that B saves)
       QLoRA: + 2h + i always (bitsandbytes' 4-bit matmul keeps its input), without double counting the above
     prompt tuning: the frozen core over seq + virtual tokens
@@ -27,7 +27,7 @@ per token per layer (`Method.layer_autocast_bytes`; kv = q when a 4-D mask makes
 heads before SDPA: packing and prefixes):
     frozen core:    4 (2h + a + 2) + 2 (3i + 2q + 2kv)   norms (input, rsqrt), log-sum-exp fp32; MLP/attention bf16
     full:           4 (4h + a + 2) + 2 (5h + 4i + 2q + 2kv)   every matmul keeps its own bf16 cast of its input
-    LoRA:           core + per target 3 in (dropout: bool mask + bf16 cast; without dropout 2 in: A's own cast,
+    LoRA:           core + per target 6 in (dropout: fp32 mask + bf16 cast; without dropout 2 in: A's own cast,
                     not shared between targets as in fp32) + 2r
     QLoRA:          LoRA + 2 x 3i (bitsandbytes returns fp32, so gate/silu/up stay fp32; nothing else kept)
     adapters:       core + 2 x (2h + 2m (+ 2m for gelu/silu))
