@@ -52,3 +52,41 @@ def test_labelled_position_loss_equals_full_logits_loss(tiny_arch, name):
     assert fast.keys() == slow.keys() and fast
     for key in fast:
         assert torch.allclose(fast[key], slow[key], rtol=1e-4, atol=1e-6), key
+
+
+@pytest.mark.parametrize("name", ["lora", "prefix"])
+def test_training_forward_builds_no_kv_cache(tiny_arch, name, monkeypatch):
+    """transformers 5 builds a DynamicCache from config.use_cache on every forward, training included (a copy of
+    every layer's keys and values); forward_loss asks for none. Prefix tuning still gets its prefix (peft hands the
+    model a cache of prefix key/values, which is not a new one)."""
+    import transformers.cache_utils as cache_utils
+
+    from tunesmith.models.tiny import build_tiny_model
+
+    torch.manual_seed(0)
+    base, tokenizer = build_tiny_model(tiny_arch)
+    assert base.config.use_cache  # the default that made every training forward build a cache
+    method = get_method(name)
+    model = method.apply(base, MethodConfig(name=name))
+    model.train()
+    examples, _ = render_dataset(tokenizer, [conv("question " * 3, "answer " * 2)], 256)
+    batch = collate(single_packs(examples), tokenizer.pad_token_id, block_mask=method.supports_packing)
+    built = []
+    original = cache_utils.DynamicCache.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(type(self).__name__)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cache_utils.DynamicCache, "__init__", counting_init)
+    with torch.no_grad():
+        model(**{k: batch[k] for k in ("input_ids", "attention_mask") if k in batch})
+    plain = len(built)
+    built.clear()
+    loss, n = forward_loss(model, method, batch, "fp32", torch.device("cpu"))
+    assert n > 0 and torch.isfinite(loss)
+    if name == "prefix":  # peft's get_prompt builds the prefix's cache, and the model uses it: no second one
+        assert plain == len(built) == 1
+    else:
+        assert plain == 1  # the check can fail: a plain forward does build one
+        assert built == []
