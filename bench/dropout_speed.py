@@ -9,7 +9,7 @@ Same process, same threads (set and printed), same inputs, both warmed up; `--re
 order; the ratio is the median over rotations of torch time / tunesmith time.
 
     python bench/dropout_speed.py                       # reference model's shapes (576 x 6, 1,536 x 1), 4,096 tokens
-    python bench/dropout_speed.py --tokens 512 --repeats 3 --json     # quick (tests/test_benches.py)
+    python bench/dropout_speed.py --tokens 256 --iterations 2 --repeats 3 --json   # quick (tests/test_benches.py)
 """
 
 from __future__ import annotations

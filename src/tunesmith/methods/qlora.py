@@ -25,10 +25,10 @@ from tunesmith.methods.base import MethodError, MethodOptions, OptionsSection, W
 from tunesmith.methods.lora import (
     LoraMethod,
     _input_groups,
-    lora_config,
     lora_layer_autocast_bytes,
     lora_layer_elements,
     lora_targets,
+    peft_lora_model,
 )
 from tunesmith.models.facts import ModelFacts
 
@@ -191,7 +191,7 @@ class QLoraMethod(LoraMethod):
         return {"quantization_config": quantization, "device_map": {"": 0} if device.type == "cuda" else "cpu"}
 
     def apply(self, model: nn.Module, config: MethodConfig) -> nn.Module:
-        from peft import get_peft_model, prepare_model_for_kbit_training
+        from peft import prepare_model_for_kbit_training
 
         if getattr(model, "hf_quantizer", None) is None:
             raise MethodError("qlora: the base is not quantized; load it with METHOD.base_load_kwargs(config)")
@@ -201,11 +201,7 @@ class QLoraMethod(LoraMethod):
         from tunesmith.models.load import keep_4bit_kernels
 
         keep_4bit_kernels(model)  # also for bases loaded outside models.load (see there)
-        from tunesmith.methods.dropout import use_bulk_dropout
-
-        model = get_peft_model(model, lora_config(config))
-        use_bulk_dropout(model)  # the same dropout, drawn ~4x faster on CPUs (methods/dropout.py)
-        return model
+        return peft_lora_model(model, config)
 
     def merge(self, model: nn.Module) -> nn.Module:
         """Dequantize the base to its compute dtype, then merge LoRA into the plain weights (see module doc)."""
