@@ -7,7 +7,9 @@ torch threads (`--threads`, set in every child with torch.set_num_threads and pr
             what a plain Trainer script does;
   trl       TRL `SFTTrainer` with its best CPU setting: packing (best-fit decreasing) + padding-free batches,
             `bf16=False` (CPUs without native bf16); the same pre-tokenized rows, prompt tokens masked;
-  tunesmith `tunesmith train` (packed sequences with a block-diagonal mask; logits only at labelled positions).
+  tunesmith `tunesmith train` (packed sequences, each example attended on its own on CPUs (per-example causal
+            SDPA, models/attention.py; before 2026-12-02 a block-diagonal mask over the row); logits only at
+            labelled positions).
 
 What is counted: useful (non-padding) tokens of the batches actually trained. The Trainer sides count them in
 `training_step` (the trainer's inputs), not in the collator: accelerate's loader prepares one batch ahead, so a
@@ -19,8 +21,9 @@ allocations and kernel selection) and everything after step N. Step ends are tak
 side: right after the optimizer's step (a global optimizer step post-hook).
 
 After step N each side runs N more steps, outside the window: steps N+1..2N-1 (as many as were timed) under
-torch's FlopCounterMode (matmul and attention FLOPs of forward and backward, as executed: attention at full T x T
-per sequence, its flash backward as 5 matmuls, torch's formula) and step 2N under torch.profiler, whose self times
+torch's FlopCounterMode (matmul and attention FLOPs of forward and backward, as executed: a masked or full
+attention call at T x T, a causal one (is_causal) at its T(T+1)/2 computed pairs, the flash backward as 5
+matmuls, torch's formula otherwise) and step 2N under torch.profiler, whose self times
 are grouped into attention, MLP, LoRA, head (projection + loss), optimizer, collation and other (and the largest
 ops of "other" are listed). Achieved FLOP/s = the counted steps' FLOPs per useful token x the window's useful
 tokens/s, against a matmul peak (fp32 1024^3 torch.mm, best of 10) measured in the same child, on the same
@@ -130,11 +133,22 @@ def flop_counter():
 
     aten = torch.ops.aten
 
-    def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+    def causal_share(query_shape, key_shape, is_causal) -> float:
+        # A causal call (is_causal=True: per-example attention, models/attention.py) computes only the n(n+1)/2
+        # query-key pairs on and below the diagonal (the kernel skips the blocks above it); torch's formula
+        # counts all n^2.
+        n = query_shape[-2]
+        return (n + 1) / (2 * n) if is_causal and n == key_shape[-2] else 1.0
 
-    def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+    def forward(query_shape, key_shape, value_shape, dropout_p=0.0, is_causal=False, *args, out_shape=None,
+                **kwargs):
+        flops = fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+        return int(flops * causal_share(query_shape, key_shape, kwargs.get("is_causal", is_causal)))
+
+    def backward(grad_out_shape, query_shape, key_shape, value_shape, out=None, logsumexp=None, dropout_p=0.0,
+                 is_causal=False, *args, out_shape=None, **kwargs):
+        flops = fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+        return int(flops * causal_share(query_shape, key_shape, kwargs.get("is_causal", is_causal)))
 
     mapping = {}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):

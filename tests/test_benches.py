@@ -63,15 +63,21 @@ def test_flop_counter_counts_cpu_attention_and_matmuls():
 
     q = torch.randn(1, 2, 32, 16, requires_grad=True)
     w = torch.randn(16, 8, requires_grad=True)
+    mask = torch.zeros(32, 32)
     with flop_counter() as counter:
-        out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        out = F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
         (out @ w).sum().backward()
-    # independent count: attention forward = 2 matmuls (QK^T, PV) of 2*b*h*s*s*d FLOPs at full s x s; a flash
-    # backward runs 5 such matmuls (it recomputes QK^T): 2.5x forward. Projection: forward 2*64*16*8, backward
-    # two matmuls of the same size.
+    # independent count: attention forward = 2 matmuls (QK^T, PV) of 2*b*h*s*s*d FLOPs at full s x s (a mask is
+    # applied to every pair); a flash backward runs 5 such matmuls (it recomputes QK^T): 2.5x forward. Projection:
+    # forward 2*64*16*8, backward two matmuls of the same size.
     attention = 2 * (2 * 1 * 2 * 32 * 32 * 16)
     projection = 2 * 64 * 16 * 8
     assert counter.get_total_flops() == attention * 3.5 + 3 * projection
+    # causal: only the s(s+1)/2 pairs on and below the diagonal are computed
+    with flop_counter() as counter:
+        F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    causal = 2 * (2 * 1 * 2 * (32 * 33 // 2) * 16)
+    assert counter.get_total_flops() == pytest.approx(causal * 3.5, abs=2)
 
 
 def test_train_throughput_flops_per_token_averages_the_counted_steps():

@@ -1,5 +1,6 @@
 """Extra loss terms (LoopContext.loss_terms): added once per optimizer step and logged beside train_loss."""
 
+import pytest
 import torch
 
 from tests.train.conftest import read_metrics
@@ -61,3 +62,30 @@ def test_loss_terms_are_logged_in_metrics(make_config, monkeypatch):
     run_finetune(config, log=lambda *a, **k: None)
     records = read_metrics(Path(config.output.dir) / "run")
     assert all("l2_penalty" in r and "train_loss" in r for r in records)
+
+
+@pytest.mark.parametrize("method,packing,segments", [("lora", True, True), ("adapters", True, True),
+                                                    ("lora", False, False), ("prefix", False, False)])
+def test_cpu_training_attends_per_example(make_config, monkeypatch, method, packing, segments):
+    """On a CPU, packed training collates segment lengths and runs on per-example attention (no 4-D mask);
+    unpacked rows and prefix tuning (which cannot pack) keep a 2-D padding mask on SDPA; the model's
+    implementation is restored after training."""
+    import tunesmith.train.loop as loop
+    from tunesmith.models.attention import SEGMENT_ATTENTION, model_config
+    from tunesmith.recipes.finetune import run_finetune
+
+    seen, implementations, original = [], [], loop.forward_loss
+
+    def spy(model, method_, batch, *args, **kwargs):
+        seen.append(("segment_lengths" in batch, batch["attention_mask"].dim()))
+        implementations.append(model_config(model)._attn_implementation)
+        models.append(model)
+        return original(model, method_, batch, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "forward_loss", spy)
+    models = []
+    run_finetune(make_config("train.max_steps=2", f"method.name={method}", f"data.packing={str(packing).lower()}",
+                             name=method), log=lambda *a, **k: None)
+    assert seen and set(seen) == {(segments, 2)}
+    assert set(implementations) == ({SEGMENT_ATTENTION} if segments else {"sdpa"})
+    assert model_config(models[0])._attn_implementation == "sdpa"

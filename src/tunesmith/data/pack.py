@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -62,18 +63,23 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def collate(packs: list[Pack], pad_token_id: int, dtype: torch.dtype = torch.float32,
-            block_mask: bool = True) -> dict[str, torch.Tensor]:
+            block_mask: bool = True, segments: bool = False) -> dict[str, Any]:
     """Right-padded batch with input_ids, labels, position_ids and an attention mask.
 
     block_mask=True: the additive 4-D block-diagonal causal mask (needed whenever a row holds several examples);
     False: a plain 2-D padding mask (one example per row, or FlashAttention-2 reading position ids).
+    segments=True (instead of the block mask): the 2-D padding mask, per-example position ids and
+    `segment_lengths`, per row the lengths of its examples in order, for per-example attention
+    (models/attention.py), which gives every example the block mask's view of the row without the mask.
     """
+    if segments and block_mask:
+        raise ValueError("collate: segments=True replaces the block mask; pass block_mask=False with it")
     width = max(p.length for p in packs)
     batch = len(packs)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((batch, width), dtype=torch.long)
-    segments = torch.full((batch, width), -1, dtype=torch.long)  # -1 = padding
+    segment_ids = torch.full((batch, width), -1, dtype=torch.long)  # -1 = padding
     for row, pack in enumerate(packs):
         offset = 0
         for seg, example in enumerate(pack.examples):
@@ -83,19 +89,21 @@ def collate(packs: list[Pack], pad_token_id: int, dtype: torch.dtype = torch.flo
             example_labels[0] = IGNORE_INDEX
             labels[row, offset: offset + n] = example_labels
             position_ids[row, offset: offset + n] = torch.arange(n)
-            segments[row, offset: offset + n] = seg
+            segment_ids[row, offset: offset + n] = seg
             offset += n
         position_ids[row, offset:] = torch.arange(width - offset)
-    padding = (segments >= 0).long()
+    padding = (segment_ids >= 0).long()
     out = {"input_ids": input_ids, "labels": labels}
     if block_mask:
-        out["attention_mask"] = block_diagonal_mask(segments, dtype)
+        out["attention_mask"] = block_diagonal_mask(segment_ids, dtype)
     else:
         out["attention_mask"] = padding
     # Position ids restart per example. With one example per row the model derives the same ones itself, and
     # prompt-learning methods (which prepend virtual tokens) must not be given any.
-    if block_mask or any(len(p.examples) > 1 for p in packs):
+    if block_mask or segments or any(len(p.examples) > 1 for p in packs):
         out["position_ids"] = position_ids
+    if segments:
+        out["segment_lengths"] = tuple(tuple(len(e.input_ids) for e in p.examples) for p in packs)
     out["real_tokens"] = padding.sum()
     return out
 

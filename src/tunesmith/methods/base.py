@@ -130,10 +130,11 @@ class Method:
         """Elements autograd saves per token in one decoder layer (default: the frozen core)."""
         return frozen_core_elements(facts)
 
-    def layer_autocast_bytes(self, facts: ModelFacts, config: MethodConfig) -> float:
+    def layer_autocast_bytes(self, facts: ModelFacts, config: MethodConfig, mask_4d: bool = True) -> float:
         """Bytes autograd saves per token in one decoder layer when fp32 weights run under 16-bit autocast (CPUs
-        with native bf16): default the frozen core, key/value heads repeated when packing feeds a 4-D mask."""
-        return frozen_core_autocast_bytes(facts, kv_repeated=self.supports_packing)
+        with native bf16): default the frozen core, key/value heads repeated when packing feeds a 4-D mask
+        (`mask_4d`; False under per-example attention, models/attention.py)."""
+        return frozen_core_autocast_bytes(facts, kv_repeated=self.supports_packing and mask_4d)
 
     def autocast_weight_casts(self, facts: ModelFacts, config: MethodConfig, gradient_checkpointing: bool) -> int:
         """Weights whose 16-bit autocast copy autograd keeps until the backward pass (elements): every matmul casts

@@ -98,13 +98,13 @@ class FullMethod(Method):
         h, i, q, k, a = facts.hidden_size, facts.intermediate_size, facts.num_heads * facts.head_dim, facts.kv_width, facts.num_heads
         return 6 * h + 2 * q + 4 * i + 2 * k + a + 2
 
-    def layer_autocast_bytes(self, facts: ModelFacts, config: MethodConfig) -> float:
+    def layer_autocast_bytes(self, facts: ModelFacts, config: MethodConfig, mask_4d: bool = True) -> float:
         """Under 16-bit autocast on fp32 weights: the norms keep their input, x*rsqrt and rsqrt in fp32
         (4 * (4h + 2), + the log-sum-exp 4a); every matmul keeps its own 16-bit cast of its input (q, k, v, gate, up
         read the two norm outputs: 5h; o reads q; down reads i) and the MLP/attention tensors are 16-bit:
-        2 * (5h + 4i + 2q + 2q) (key/value heads repeated under packing's 4-D mask)."""
+        2 * (5h + 4i + 2q + 2kv) (kv = q: key/value heads repeated under packing's 4-D mask, `mask_4d`)."""
         h, i, q, a = facts.hidden_size, facts.intermediate_size, facts.num_heads * facts.head_dim, facts.num_heads
-        kv = q if self.supports_packing else facts.kv_width
+        kv = q if self.supports_packing and mask_4d else facts.kv_width
         return 4 * (4 * h + a + 2) + 2 * (5 * h + 4 * i + 2 * q + 2 * kv)
 
     def frozen_weight_bytes(self, facts: ModelFacts, config: MethodConfig, trainable_params: int,

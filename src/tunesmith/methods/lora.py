@@ -132,9 +132,9 @@ def lora_layer_elements(f: ModelFacts, lo: LoraOptions) -> float:
     return frozen_core_elements(f) + extra
 
 
-def lora_layer_autocast_bytes(f: ModelFacts, lo: LoraOptions) -> float:
+def lora_layer_autocast_bytes(f: ModelFacts, lo: LoraOptions, mask_4d: bool = True) -> float:
     """Bytes per token per layer under 16-bit autocast on fp32 weights (measured, plan/activations.py):
-        frozen core (key/value heads repeated under packing's 4-D mask)
+        frozen core (key/value heads repeated under packing's 4-D mask, `mask_4d`)
         + per target with dropout: its fp32 mask (4 * in) and the 16-bit cast of the dropped input A reads (2 * in)
         + per target without dropout: A's own 16-bit cast of the input (2 * in; each matmul casts it again, so
           targets reading the same norm output do not share it as they do in fp32)
@@ -142,7 +142,7 @@ def lora_layer_autocast_bytes(f: ModelFacts, lo: LoraOptions) -> float:
     """
     layer0 = [m for m in lora_targets(f, lo.target_modules) if m.layer == 0]
     per_in = 6 if lo.dropout > 0 else 2
-    return frozen_core_autocast_bytes(f) + sum(per_in * m.in_features + 2 * lo.r for m in layer0)
+    return frozen_core_autocast_bytes(f, kv_repeated=mask_4d) + sum(per_in * m.in_features + 2 * lo.r for m in layer0)
 
 
 # -------------------------------------------------------------------------------------------- method
@@ -195,8 +195,8 @@ class LoraMethod(Method):
     def layer_activation_elements(self, facts: ModelFacts, config: MethodConfig) -> float:
         return lora_layer_elements(facts, config.lora)
 
-    def layer_autocast_bytes(self, facts: ModelFacts, config: MethodConfig) -> float:
-        return lora_layer_autocast_bytes(facts, config.lora)
+    def layer_autocast_bytes(self, facts: ModelFacts, config: MethodConfig, mask_4d: bool = True) -> float:
+        return lora_layer_autocast_bytes(facts, config.lora, mask_4d)
 
     def plan_options(self, *, rank: int, dropout: float, targets: list[str] | str | None,
                      virtual_tokens: int | None) -> dict[str, Any]:

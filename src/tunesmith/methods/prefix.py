@@ -84,7 +84,7 @@ class PrefixMethod(PromptLearningMethod):
         """The frozen core + 2h: the residual stream now requires grad through the prefix keys/values."""
         return frozen_core_elements(facts) + 2 * facts.hidden_size
 
-    def layer_autocast_bytes(self, facts: ModelFacts, config: MethodConfig) -> float:
+    def layer_autocast_bytes(self, facts: ModelFacts, config: MethodConfig, mask_4d: bool = True) -> float:
         """Under 16-bit autocast: the frozen core with the key/value heads repeated to the query width (the prefix
         makes the mask 4-D; the prefix's own positions, a few dozen, are left out); measured, no +2h."""
         return frozen_core_autocast_bytes(facts, kv_repeated=True)

@@ -49,6 +49,8 @@ gradient, the logits' gradient; measured by RSS on the reference model), + 2 byt
 Attention: SDPA (or flash attention) keeps no seq x seq score matrix, only the log-sum-exp per head and token.
 Packing (every method that supports it) feeds SDPA an additive 4-D block-diagonal mask, (batch, 1, seq, seq) in
 the compute dtype, which autograd keeps once for all layers (measured with saved_tensors_hooks: ~1-1.25 x that).
+On CPUs `tunesmith train` runs packed rows through per-example attention instead (models/attention.py; methods
+without virtual tokens): no mask is kept, and under autocast neither its casts nor repeated key/value heads.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def activation_estimate(
     gradient_checkpointing: bool,
     labelled_fraction: float = 1.0,
     autocast: bool = False,
+    segment_attention: bool = False,
 ) -> ActivationEstimate:
     """Bytes of activations for one micro-batch. act_bytes = 4 (fp32) or 2 (bf16/fp16 compute).
 
@@ -101,13 +104,16 @@ def activation_estimate(
     autocast=True: fp32 weights under 16-bit autocast (tunesmith train on a CPU with native bf16): the layers'
     bytes come from `Method.layer_autocast_bytes`, the residual stream (checkpointed layer inputs, final norm) stays
     fp32, every layer keeps its own 16-bit cast of the attention mask, and the weight casts are counted.
+    segment_attention=True: packed rows go through per-example attention (models/attention.py, `tunesmith train`
+    on CPUs): no 4-D mask is kept or cast, and the key/value heads are not repeated.
     """
     owner = get_method(method.name)
     seq = seq_len + owner.virtual_tokens(method)
     tokens = batch_size * seq
     per_layer = layer_elements_per_token(f, method)
     if autocast:
-        layer_bytes = tokens * owner.layer_autocast_bytes(f, method)
+        layer_bytes = tokens * (owner.layer_autocast_bytes(f, method, mask_4d=False) if segment_attention
+                                else owner.layer_autocast_bytes(f, method))
         stream_bytes = 4  # the residual stream (and the final norm) stays fp32
     else:
         norm_upcast = 2 * f.hidden_size * 4 if act_bytes < 4 else 0  # bytes per token per layer
@@ -121,7 +127,7 @@ def activation_estimate(
         recompute = 0
     # Outside the layer stack: the final norm (input, x*rsqrt, output) when its weight trains, else its output.
     saved += tokens * (3 if owner.trains_base_weights else 1) * f.hidden_size * stream_bytes
-    mask, per_layer_mask = owner.attention_mask_elements(method, batch_size, seq)
+    mask, per_layer_mask = (0, False) if segment_attention else owner.attention_mask_elements(method, batch_size, seq)
     if autocast:  # per layer 16-bit casts (one under checkpointing: the recomputed layer's); packing's fp32 original
         copies = 1 if gradient_checkpointing else f.num_layers
         saved += mask * 2 * copies + (0 if per_layer_mask else mask * 4)

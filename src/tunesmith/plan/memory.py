@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from tunesmith.methods.registry import get_method
+from tunesmith.models.attention import segment_attention_applies
 from tunesmith.models.facts import ModelFacts
 from tunesmith.plan.activations import activation_estimate
 from tunesmith.plan.counts import trainable_params
@@ -133,8 +134,12 @@ def estimate_memory(f: ModelFacts, method: MethodConfig, setup: TrainSetup) -> M
     # fp32 weights with 16-bit compute = autocast (tunesmith train on a CPU with native bf16: train/loop.py
     # forward_loss runs under torch.autocast); 16-bit weights compute in their own dtype (GPU plans).
     autocast = setup.autocast
+    # On CPUs the trainer runs packed rows through per-example attention (models/attention.py
+    # segment_attention_applies): the same rule here, with packing and transformers' SDPA assumed.
+    segments = segment_attention_applies(setup.device, None, owner.supports_packing, owner.uses_virtual_tokens)
     act = activation_estimate(f, method, setup.batch_size, setup.seq_len, abytes, setup.gradient_checkpointing,
-                              labelled_fraction=setup.labelled_fraction, autocast=autocast)
+                              labelled_fraction=setup.labelled_fraction, autocast=autocast,
+                              segment_attention=segments)
     activations = act.peak_bytes + owner.extra_activation_bytes(f, method, abytes)
     notes: list[str] = list(frozen.notes)
     # The first gradient of the backward pass is the output layer's (V x h), made while every activation lives.

@@ -48,6 +48,7 @@ def train_stage(model, tokenizer, conversations: list[Conversation], train_confi
     from accelerate import Accelerator
 
     from tunesmith.methods.registry import get_method
+    from tunesmith.models.attention import segment_attention_applies
     from tunesmith.models.hardware import resolve_precision
     from tunesmith.train.loop import LoopContext, train
 
@@ -60,8 +61,11 @@ def train_stage(model, tokenizer, conversations: list[Conversation], train_confi
         if "loss_terms" not in LoopContext.__dataclass_fields__:
             raise RuntimeError("this trainer has no loss-term hook (LoopContext.loss_terms); EWC needs it")
         extra["loss_terms"] = list(loss_terms)
-    ctx = LoopContext(train_config, run_dir, tokenizer.pad_token_id, block_mask=True, precision=precision,
-                      accelerator=accelerator, method=get_method("lora"), tokenizer=tokenizer, log=log, **extra)
+    attn = getattr(model.config, "_attn_implementation", None)
+    segments = segment_attention_applies(accelerator.device.type, attn, packing=True, virtual_tokens=False)
+    ctx = LoopContext(train_config, run_dir, tokenizer.pad_token_id, block_mask=True, segment_attention=segments,
+                      precision=precision, accelerator=accelerator, method=get_method("lora"), tokenizer=tokenizer,
+                      log=log, **extra)
     model.to(accelerator.device)
     return train(model, ctx, packs, [])
 

@@ -32,6 +32,7 @@ from tunesmith.data.pack import Pack, pack_examples, single_packs
 from tunesmith.data.render import RenderStats, render_dataset
 from tunesmith.methods.base import Method
 from tunesmith.methods.registry import get_method
+from tunesmith.models.attention import segment_attention_applies
 from tunesmith.models.hardware import peak_memory_bytes, resolve_precision
 from tunesmith.models.load import load_model, load_tokenizer
 from tunesmith.recipes.checks import check_run_paths
@@ -199,8 +200,11 @@ def train_model(run: FinetuneRun, model, data: TrainingData, resume: bool, callb
     """Hand the model, the packs and the callbacks to the trainer; returns (state, trainable, total parameters)."""
     config, method = run.config, run.method
     attn = getattr(model.config, "_attn_implementation", None) or ""
+    segments = segment_attention_applies(run.accelerator.device.type, attn, config.data.packing,
+                                         method.uses_virtual_tokens)
     ctx = LoopContext(config.train, run.run_dir, run.tokenizer.pad_token_id,
-                      block_mask=config.data.packing and attn != "flash_attention_2", precision=run.precision,
+                      block_mask=config.data.packing and attn != "flash_attention_2", segment_attention=segments,
+                      precision=run.precision,
                       accelerator=run.accelerator, method=method, tokenizer=run.tokenizer, callbacks=callbacks,
                       log=run.log, loss_terms=list(loss_terms or []), val_groups=data.val_groups)
     trainable = method.trainable_parameter_count(model)

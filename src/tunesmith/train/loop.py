@@ -37,6 +37,7 @@ from tunesmith.config import TrainConfig
 from tunesmith.data.pack import Pack, collate, epoch_order
 from tunesmith.data.render import IGNORE_INDEX
 from tunesmith.methods.base import Method
+from tunesmith.models.attention import SEGMENT_ATTENTION, model_config, segment_attention
 from tunesmith.models.hardware import autocast_dtype
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import sharding
@@ -78,11 +79,20 @@ class LoopContext:
     tokenizer: Any
     callbacks: list[Any] = field(default_factory=list)
     log: Any = print
+    # Packed rows through per-example attention instead of the block mask (models/attention.py; CPU + SDPA)
+    segment_attention: bool = False
     # Extra loss terms: term(model) -> (name, scalar tensor), model = the unwrapped model (see the module docstring).
     loss_terms: list[Callable[[Any], tuple[str, torch.Tensor]]] = field(default_factory=list)
     # Validation packs per group (multi-task runs: per task, packed apart so no pack mixes tasks). With two or more
     # groups every evaluation logs eval_loss/<group> beside eval_loss, the token-weighted loss over all of them.
     val_groups: dict[str, list[Pack]] | None = None
+
+
+def collate_batch(ctx: LoopContext, packs: list[Pack]) -> dict[str, Any]:
+    """The packs as one batch, with the attention inputs the loop's mode needs (block mask or segment lengths)."""
+    if ctx.segment_attention:
+        return collate(packs, ctx.pad_token_id, block_mask=False, segments=True)
+    return collate(packs, ctx.pad_token_id, block_mask=ctx.block_mask)
 
 
 def output_head(model) -> torch.nn.Module | None:
@@ -103,6 +113,12 @@ def forward_loss(model, method, batch: dict[str, torch.Tensor], precision: str, 
     virtual positions (prompt tuning: `align_logits`) take the full-logits path.
     """
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if "segment_lengths" in batch:  # per-example attention: the 2-D mask alone would let examples see each other
+        implementation = model_config(model)._attn_implementation
+        if implementation != SEGMENT_ATTENTION:
+            raise RuntimeError(f"a batch with segment lengths needs attention {SEGMENT_ATTENTION!r}, the model runs "
+                               f"{implementation!r} (train/loop.py: train() switches it with segment_attention)")
+        inputs["segment_lengths"] = batch["segment_lengths"]
     labels = batch["labels"].to(device)
     keep = labels[:, 1:] != IGNORE_INDEX  # hidden state t predicts token t + 1
 
@@ -216,7 +232,7 @@ def evaluate_loss_sum(model, ctx: LoopContext, packs: list[Pack]) -> tuple[float
     with torch.no_grad():
         for index in range(n_batches):
             chunk = mine[index * size: (index + 1) * size]
-            batch = collate(chunk or packs[:1], ctx.pad_token_id, block_mask=ctx.block_mask)
+            batch = collate_batch(ctx, chunk or packs[:1])
             loss_sum, n = forward_loss(model, ctx.method, batch, ctx.precision, acc.device)
             if chunk:
                 total += float(loss_sum)
@@ -265,7 +281,13 @@ class _Run:
 
 
 def train(model, ctx: LoopContext, train_packs: list[Pack], val_packs: list[Pack], resume: bool = False) -> TrainState:
-    """Run the optimisation; returns the final state (best checkpoint loaded when configured)."""
+    """Run the optimisation; returns the final state (best checkpoint loaded when configured). With
+    `ctx.segment_attention` the model runs on per-example attention while it trains (models/attention.py)."""
+    with segment_attention(model) if ctx.segment_attention else contextlib.nullcontext():
+        return _train(model, ctx, train_packs, val_packs, resume)
+
+
+def _train(model, ctx: LoopContext, train_packs: list[Pack], val_packs: list[Pack], resume: bool) -> TrainState:
     run = _setup(model, ctx, len(train_packs), resume)
     state, acc = run.state, ctx.accelerator
     if state.step == 0:
@@ -409,7 +431,7 @@ def accumulate_gradients(model, ctx: LoopContext, micro_packs: list[list[Pack]],
     acc = ctx.accelerator
     loss_total, real_tokens, terms = 0.0, 0, {}
     for index, packs in enumerate(micro_packs):
-        batch = collate(packs, ctx.pad_token_id, block_mask=ctx.block_mask)
+        batch = collate_batch(ctx, packs)
         real_tokens += int(batch["real_tokens"])
         sync = index == len(micro_packs) - 1
         context = acc.no_sync(model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()

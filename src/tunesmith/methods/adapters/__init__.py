@@ -108,13 +108,13 @@ class BottleneckAdapterMethod(Method):
         per_adapter = facts.hidden_size + m + (m if config.adapters.nonlinearity != "relu" else 0)
         return frozen_core_elements(facts) + 2 * per_adapter
 
-    def layer_autocast_bytes(self, facts: ModelFacts, config: MethodConfig) -> float:
+    def layer_autocast_bytes(self, facts: ModelFacts, config: MethodConfig, mask_4d: bool = True) -> float:
         """Under 16-bit autocast: the frozen core + per adapter (two per layer) the 16-bit cast of its input that the
         down-projection keeps and the 16-bit bottleneck activation (+ the pre-activation for gelu/silu/tanh):
         2 * (2h + 2m (+ 2m)); measured."""
         m = facts.hidden_size // config.adapters.reduction_factor
         per_adapter = 2 * facts.hidden_size + 2 * m + (2 * m if config.adapters.nonlinearity != "relu" else 0)
-        return frozen_core_autocast_bytes(facts, kv_repeated=self.supports_packing) + 2 * per_adapter
+        return frozen_core_autocast_bytes(facts, kv_repeated=self.supports_packing and mask_4d) + 2 * per_adapter
 
     # --- training
     def apply(self, model: nn.Module, config: MethodConfig) -> nn.Module:
