@@ -7,7 +7,8 @@ set to -100, so no example is trained to predict across a boundary.
 
 Semantics (one row): mask[i, j] = 0 if (seg[i] == seg[j] and j <= i) else finfo.min;  mask: (batch, 1, seq, seq).
 transformers' SDPA and eager attention accept this additive 4-D mask as is; FlashAttention-2 instead reads
-packed boundaries from position ids (both are built).
+packed boundaries from position ids (both are built). On CPUs the trainer gives the same view without the mask:
+`segment_lengths` and one causal SDPA call per example (models/attention.py).
 """
 
 from __future__ import annotations
