@@ -121,7 +121,7 @@ def assumptions(req: PlanRequest, start: Start, data: dict | None) -> list[str]:
         + ("; fp32 master weights added" if start.master_weights else "; no fp32 master copy (add one with --master-weights)"),
         "QLoRA: decoder Linear weights in NF4 (0.5 byte) + quantization constants; embeddings, norms, lm_head in the loaded dtype (bf16 on GPU, fp32 on CPU)",
         ("activations: SDPA, packed rows attended per example (one causal SDPA call per example, no mask kept; "
-         "prefix/prompt tuning: the 4-D block mask), " if req.device == "cpu" else
+         "prefix/prompt tuning do not pack), " if req.device == "cpu" else
          "activations: SDPA/flash attention (no seq x seq scores kept; packing's 4-D block mask, batch x seq^2, kept once), ")
         + "LoRA dropout 0.05; the loss computes logits only "
         f"at labelled positions (tunesmith's trainer; prompt tuning takes the full-logits path), fp32 for the loss: {labelled}",
