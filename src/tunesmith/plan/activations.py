@@ -112,8 +112,7 @@ def activation_estimate(
     tokens = batch_size * seq
     per_layer = layer_elements_per_token(f, method)
     if autocast:
-        layer_bytes = tokens * (owner.layer_autocast_bytes(f, method, mask_4d=False) if segment_attention
-                                else owner.layer_autocast_bytes(f, method))
+        layer_bytes = tokens * owner.layer_autocast_bytes(f, method, mask_4d=not segment_attention)
         stream_bytes = 4  # the residual stream (and the final norm) stays fp32
     else:
         norm_upcast = 2 * f.hidden_size * 4 if act_bytes < 4 else 0  # bytes per token per layer
