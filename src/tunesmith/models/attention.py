@@ -9,8 +9,9 @@ seq x seq per head, and masks most of them out afterwards. Here each example is 
 
 for every example e of row b (lengths `segment_lengths[b]`, starting at s_e = n_0 + ... + n_(e-1)); positions after
 a row's last example (padding) get zeros, which no real token reads and no loss counts. The work falls from
-seq^2 to about sum(n_e^2) / 2 per row and head, and no seq x seq mask is built, cast or kept. Key/value heads are
-not repeated for grouped-query attention (`enable_gqa`).
+seq^2 to about sum(n_e^2) / 2 per row and head, and no float seq x seq mask is built, cast or kept (transformers
+still builds its boolean padding mask, (batch, 1, seq, seq), once per forward pass when a row is padded; this
+function ignores it). Key/value heads are not repeated for grouped-query attention (`enable_gqa`).
 
 Why by hand: transformers' own varlen path (FlashAttention-2 with `cu_seq_lens`) needs a CUDA kernel, and its
 SDPA path turns packed position ids back into a dense 4-D mask. FlexAttention's block masks would skip the empty
