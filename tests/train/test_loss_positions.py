@@ -78,6 +78,7 @@ def test_training_forward_builds_no_kv_cache(tiny_arch, name, monkeypatch):
         built.append(type(self).__name__)
         original(self, *args, **kwargs)
 
+    forward_loss(model, method, batch, "fp32", torch.device("cpu"))  # the first call probes the head (head_loss.py)
     monkeypatch.setattr(cache_utils.DynamicCache, "__init__", counting_init)
     with torch.no_grad():
         model(**{k: batch[k] for k in ("input_ids", "attention_mask") if k in batch})

@@ -82,9 +82,11 @@ def test_gradient_accumulation_matches_a_larger_batch(tiny_model_and_tokenizer):
         split = [packs[i: i + micro] for i in range(0, 4, micro)]
         accumulate_gradients(model, ctx, split, float(count_targets(packs)))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    # fp32 summation order differs with the split (measured: at most ~6e-7 of each tensor's largest entry); a wrong
+    # token weighting would be off by a factor, not by 1e-5
     for other in grads[1:]:
         for name, grad in grads[0].items():
-            assert torch.allclose(grad, other[name], rtol=1e-4, atol=1e-7), name
+            assert (grad - other[name]).abs().max() <= 1e-5 * grad.abs().max(), name
 
 
 class Crash:

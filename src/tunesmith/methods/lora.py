@@ -166,13 +166,16 @@ def lora_config(config: MethodConfig) -> LoraConfig:
 
 
 def peft_lora_model(model: nn.Module, config: MethodConfig) -> nn.Module:
-    """peft's LoRA model for `config`, its dropout drawn ~4x faster on CPUs (methods/dropout.py); LoRA and QLoRA."""
+    """peft's LoRA model for `config`, its dropout drawn ~4x faster on CPUs (methods/dropout.py) and its update
+    accumulated into the base output in one matmul (methods/lora_forward.py); LoRA and QLoRA."""
     from peft import get_peft_model
 
     from tunesmith.methods.dropout import use_bulk_dropout
+    from tunesmith.methods.lora_forward import use_fused_lora_forward
 
     model = get_peft_model(model, lora_config(config))
     use_bulk_dropout(model)
+    use_fused_lora_forward(model)
     return model
 
 class LoraMethod(Method):

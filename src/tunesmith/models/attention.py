@@ -58,16 +58,18 @@ def segment_attention_forward(module, query: torch.Tensor, key: torch.Tensor, va
                          f"{tuple(query.shape)} and keys {tuple(key.shape)} (no cache or prefix allowed)")
     gqa = key.shape[1] != heads
     rows = []
-    for row, lengths in enumerate(segment_lengths):
-        parts, start = [], 0
-        for n in lengths:
-            span = slice(start, start + n)
-            parts.append(F.scaled_dot_product_attention(
-                query[row: row + 1, :, span], key[row: row + 1, :, span], value[row: row + 1, :, span],
-                dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa))
-            start += n
+    # split, not slicing: the backward of a split is one concatenation, while every slice's backward fills a
+    # zero tensor of the whole input and adds into it (measured: ~0.4 s of a ~21 s step on the reference model)
+    for row, (q_row, k_row, v_row, lengths) in enumerate(zip(query.split(1), key.split(1), value.split(1),
+                                                            segment_lengths, strict=True)):
+        start = sum(lengths)
         if start > seq:
             raise ValueError(f"segment attention: row {row} has segments of {start} tokens for a row of {seq}")
+        sizes = [*lengths, seq - start] if start < seq else list(lengths)
+        parts = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+                                                enable_gqa=gqa)
+                 for q, k, v, _ in zip(q_row.split(sizes, dim=2), k_row.split(sizes, dim=2), v_row.split(sizes, dim=2),
+                                       lengths, strict=False)]
         if start < seq:
             parts.append(query.new_zeros(1, heads, seq - start, dim))
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])

@@ -43,6 +43,10 @@ token is a target; N = labelled_fraction * batch * seq, all positions when the d
 runs on the selected hidden states, (1, N, vocab). What lives at the start of the backward pass is then the saved
 log-softmax output (fp32), its gradient and the logits' gradient, 3 x 4 bytes per element (the head's own output
 is dropped when forward_loss returns); under 16-bit compute the gradient cast back to 16 bits adds 2 bytes.
+Where the head is a plain linear layer whose output the model returns unchanged (train/head_loss.py; the planner
+guesses it from the config: models/head.py `config_returns_head_output`), the trainer runs head and loss in chunks
+instead, and none of those buffers exists: what it holds at the end of the forward pass is the hidden states'
+gradient (N x d, fp32) and one chunk's buffers (models/head.py `fused_head_bytes`).
 Methods that re-align the logits (prompt tuning prepends virtual positions: `Method.selective_logits` is False)
 take the full path: (batch, seq, vocab) in fp32 held 4 times (the logits, the saved log-softmax output, its
 gradient, the logits' gradient; measured by RSS on the reference model), + 2 bytes of 16-bit logits.
@@ -61,6 +65,7 @@ from typing import TYPE_CHECKING
 
 from tunesmith.methods.registry import get_method
 from tunesmith.models.facts import ModelFacts
+from tunesmith.models.head import fused_head_bytes
 
 if TYPE_CHECKING:
     from tunesmith.config import MethodConfig
@@ -70,7 +75,7 @@ if TYPE_CHECKING:
 class ActivationEstimate:
     per_layer_elements_per_token: float
     saved_bytes: int  # all layers, what autograd keeps until the backward pass
-    logits_bytes: int  # logits-sized buffers alive at the start of the backward pass
+    logits_bytes: int  # the head's and the loss's buffers alive at the end of the forward pass
     recompute_bytes: int  # one layer recomputed under gradient checkpointing (0 without)
     seq_effective: int
     weight_cast_bytes: int = 0  # 16-bit casts of fp32 weights that autocast makes and autograd keeps
@@ -97,6 +102,7 @@ def activation_estimate(
     labelled_fraction: float = 1.0,
     autocast: bool = False,
     segment_attention: bool = False,
+    fused_head: bool = False,
 ) -> ActivationEstimate:
     """Bytes of activations for one micro-batch. act_bytes = 4 (fp32) or 2 (bf16/fp16 compute).
 
@@ -106,6 +112,7 @@ def activation_estimate(
     fp32, every layer keeps its own 16-bit cast of the attention mask, and the weight casts are counted.
     segment_attention=True: packed rows go through per-example attention (models/attention.py, `tunesmith train`
     on CPUs): no 4-D mask is kept or cast, and the key/value heads are not repeated.
+    fused_head=True: the head and the loss run in chunks (train/head_loss.py), for methods with selective logits.
     """
     owner = get_method(method.name)
     seq = seq_len + owner.virtual_tokens(method)
@@ -124,15 +131,21 @@ def activation_estimate(
     else:
         saved = int(f.num_layers * layer_bytes)
         recompute = 0
-    # Outside the layer stack: the final norm (input, x*rsqrt, output) when its weight trains, else its output.
-    saved += tokens * (3 if owner.trains_base_weights else 1) * f.hidden_size * stream_bytes
+    # Outside the layer stack: the final norm (input, x*rsqrt, output) when its weight trains, else its output. The
+    # chunked head loss keeps no input (its gradients are made in the forward pass): no output, measured
+    # (tests/plan/test_plan_memory.py::test_autocast_formula_matches_saved_tensors).
+    final_norm = (3 if owner.trains_base_weights else 1) - (1 if fused_head and owner.trains_base_weights else 0)
+    saved += tokens * final_norm * f.hidden_size * stream_bytes
     mask, per_layer_mask = (0, False) if segment_attention else owner.attention_mask_elements(method, batch_size, seq)
     if autocast:  # per layer 16-bit casts (one under checkpointing: the recomputed layer's); packing's fp32 original
         copies = 1 if gradient_checkpointing else f.num_layers
         saved += mask * 2 * copies + (0 if per_layer_mask else mask * 4)
     elif mask:
         saved += mask * act_bytes * (f.num_layers if per_layer_mask and not gradient_checkpointing else 1)
-    if owner.selective_logits:
+    if owner.selective_logits and fused_head:
+        labelled = math.ceil(labelled_fraction * batch_size * seq_len)
+        logits = fused_head_bytes(labelled, f.hidden_size, f.vocab_size, act_bytes)
+    elif owner.selective_logits:
         labelled = math.ceil(labelled_fraction * batch_size * seq_len)
         logits = labelled * f.vocab_size * (3 * 4 + (act_bytes if act_bytes < 4 else 0))
     else:

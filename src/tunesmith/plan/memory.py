@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from tunesmith.methods.registry import get_method
 from tunesmith.models.attention import segment_attention_applies
 from tunesmith.models.facts import ModelFacts
+from tunesmith.models.head import config_returns_head_output
 from tunesmith.plan.activations import activation_estimate
 from tunesmith.plan.counts import trainable_params
 
@@ -137,13 +138,17 @@ def estimate_memory(f: ModelFacts, method: MethodConfig, setup: TrainSetup) -> M
     # On CPUs the trainer runs packed rows through per-example attention (models/attention.py
     # segment_attention_applies): the same rule here, with packing and transformers' SDPA assumed.
     segments = segment_attention_applies(setup.device, None, owner.supports_packing, owner.uses_virtual_tokens)
+    # The trainer runs head and loss in chunks where the model returns its head's output unchanged (it probes the
+    # model, train/head_loss.py); the planner guesses from the config (models/head.py).
+    fused = owner.selective_logits and config_returns_head_output(f.config)
     act = activation_estimate(f, method, setup.batch_size, setup.seq_len, abytes, setup.gradient_checkpointing,
                               labelled_fraction=setup.labelled_fraction, autocast=autocast,
-                              segment_attention=segments)
+                              segment_attention=segments, fused_head=fused)
     activations = act.peak_bytes + owner.extra_activation_bytes(f, method, abytes)
     notes: list[str] = list(frozen.notes)
     # The first gradient of the backward pass is the output layer's (V x h), made while every activation lives.
-    head_grad = f.vocab_size * f.hidden_size * tbytes if owner.trains_base_weights else 0
+    # (The chunked head loss makes it in the forward pass, in fp32, and holds it until the backward pass.)
+    head_grad = f.vocab_size * f.hidden_size * (4 if fused else tbytes) if owner.trains_base_weights else 0
     # Optimizer step scratch: torch's AdamW on CPU walks one tensor at a time (the largest tensor's temporaries);
     # on CUDA we assume the fused kernel (torch.optim.AdamW(fused=True)), which needs none. (The default foreach
     # path would add one fp32 temporary per trainable parameter at the step.)

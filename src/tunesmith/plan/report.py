@@ -124,7 +124,9 @@ def assumptions(req: PlanRequest, start: Start, data: dict | None) -> list[str]:
          "prefix/prompt tuning do not pack), " if req.device == "cpu" else
          "activations: SDPA/flash attention (no seq x seq scores kept; packing's 4-D block mask, batch x seq^2, kept once), ")
         + "LoRA dropout 0.05; the loss computes logits only "
-        f"at labelled positions (tunesmith's trainer; prompt tuning takes the full-logits path), fp32 for the loss: {labelled}",
+        f"at labelled positions (tunesmith's trainer; prompt tuning takes the full-logits path), fp32 for the loss: {labelled}; "
+        "head and loss run in chunks of up to 512 positions, no logits-sized buffers (models whose config rescales or caps "
+        "the logits after the head keep whole logits)",
         "peak = persistent state + max(activations at the start of backward, gradients at the optimizer step); with accumulation the gradients are added"
         + ("; CPU (whole-process RSS, glibc malloc): + the freed activation heap kept through the optimizer step + "
            f"{ALLOCATOR_RETENTION['cpu']:.0%} of the forward pass's layer allocations (heap retention, fitted on other shapes "

@@ -42,6 +42,7 @@ from tunesmith.models.hardware import autocast_dtype
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import sharding
 from tunesmith.train.callbacks import TrainState, call
+from tunesmith.train.head_loss import fused_head_applies, head_cross_entropy_sum, swapped_forward
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -111,6 +112,10 @@ def forward_loss(model, method, batch: dict[str, torch.Tensor], precision: str, 
     nor the fp32 cross-entropy runs over prompt tokens and padding. The model's own forward still runs end to end
     (so logit soft-capping or scaling that a model applies after its head still applies). Methods that prepend
     virtual positions (prompt tuning: `align_logits`) take the full-logits path.
+
+    Where the head is a plain linear layer whose output the model returns unchanged (train/head_loss.py
+    `fused_head_applies`), the head and the loss run as one chunked pass over those positions instead
+    (`head_cross_entropy_sum`: no logits-sized buffers; the same loss and gradients).
     """
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     if "segment_lengths" in batch:  # per-example attention: the 2-D mask alone would let examples see each other
@@ -122,32 +127,57 @@ def forward_loss(model, method, batch: dict[str, torch.Tensor], precision: str, 
     labels = batch["labels"].to(device)
     keep = labels[:, 1:] != IGNORE_INDEX  # hidden state t predicts token t + 1
 
-    def select(_module, args, kwargs):
-        hidden = args[0] if args else kwargs["input"]
+    targets = labels[:, 1:][keep]
+
+    def selected(hidden: torch.Tensor) -> torch.Tensor:  # (batch, seq, d) -> (labelled positions, d)
         if hidden.shape[:2] != labels.shape:
             raise RuntimeError(f"output head got hidden states {tuple(hidden.shape)} for labels {tuple(labels.shape)}")
-        selected = hidden[:, :-1][keep].unsqueeze(0)
+        return hidden[:, :-1][keep]
+
+    def select(_module, args, kwargs):
+        chosen = selected(args[0] if args else kwargs["input"]).unsqueeze(0)
         if args:
-            return (selected, *args[1:]), kwargs
-        return args, {**kwargs, "input": selected}
+            return (chosen, *args[1:]), kwargs
+        return args, {**kwargs, "input": chosen}
+
+    fused = {}
+
+    def fused_head(hidden):  # replaces head.forward: the loss from the head's input, a stub as the logits
+        fused["loss"] = head_cross_entropy_sum(selected(hidden), head, targets)
+        fused["stub"] = hidden.new_zeros(1, targets.numel(), 0)
+        return fused["stub"]
 
     head = output_head(model)
     selective = head is not None and type(method).align_logits is Method.align_logits
-    handle = head.register_forward_pre_hook(select, with_kwargs=True) if selective else None
     dtype = autocast_dtype(precision)
-    try:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            # use_cache=False: transformers 5 builds a KV cache whenever config.use_cache is on, training included
-            # (a copy of every layer's keys and values, held to the end of the forward pass).
-            logits = model(**inputs, use_cache=False).logits  # selective: (1, labelled positions, vocab)
-    finally:
-        if handle is not None:
-            handle.remove()
+    if selective and fused_head_applies(model, head):
+        hook = swapped_forward(head, fused_head)
+    elif selective:
+        hook = _pre_hook(head, select)
+    else:
+        hook = contextlib.nullcontext()
+    with hook, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        # use_cache=False: transformers 5 builds a KV cache whenever config.use_cache is on, training included
+        # (a copy of every layer's keys and values, held to the end of the forward pass).
+        logits = model(**inputs, use_cache=False).logits  # selective: (1, labelled positions, vocab)
+    if fused:
+        if logits is not fused["stub"]:
+            raise RuntimeError("the model changed its head's output, which the fused head loss cannot see "
+                               "(train/head_loss.py fused_head_applies probes for this)")
+        return fused["loss"], int(targets.numel())
     if not selective:
         return causal_lm_loss_sum(method.align_logits(logits, inputs["input_ids"]), labels)
-    targets = labels[:, 1:][keep]
     loss = F.cross_entropy(logits[0].float(), targets, reduction="sum")
     return loss, int(targets.numel())
+
+
+@contextlib.contextmanager
+def _pre_hook(module: torch.nn.Module, hook):
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
