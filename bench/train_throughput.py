@@ -127,7 +127,8 @@ class StepInstruments:
 
 
 def flop_counter():
-    """torch's FlopCounterMode, taught the CPU flash-attention kernels it does not count (torch 2.x CPU SDPA)."""
+    """torch's FlopCounterMode, taught the CPU flash-attention kernels (torch 2.x CPU SDPA) and in-place addmm_,
+    which it does not count."""
     import torch
     from torch.utils import flop_counter as fc
 
@@ -150,7 +151,11 @@ def flop_counter():
         flops = fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
         return int(flops * causal_share(query_shape, key_shape, kwargs.get("is_causal", is_causal)))
 
-    mapping = {}
+    def addmm_inplace(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]  # (m, k) @ (k, n), as torch's addmm formula
+
+    # In-place addmm_ (tunesmith's LoRA update, methods/lora_forward.py) is a matmul that torch's table misses.
+    mapping = {aten.addmm_: addmm_inplace}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = forward
         mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = backward

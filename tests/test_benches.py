@@ -78,6 +78,12 @@ def test_flop_counter_counts_cpu_attention_and_matmuls():
         F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
     causal = 2 * (2 * 1 * 2 * (32 * 33 // 2) * 16)
     assert counter.get_total_flops() == pytest.approx(causal * 3.5, abs=2)
+    # in-place addmm_ (the fused LoRA update, methods/lora_forward.py) and mm with out= are matmuls too
+    a, b, c = torch.randn(64, 32), torch.randn(32, 16), torch.zeros(64, 16)
+    with flop_counter() as counter:
+        c.addmm_(a, b)
+        torch.mm(a, b, out=c)
+    assert counter.get_total_flops() == 2 * (2 * 64 * 32 * 16)
 
 
 def test_train_throughput_flops_per_token_averages_the_counted_steps():
