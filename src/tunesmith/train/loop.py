@@ -126,37 +126,13 @@ def forward_loss(model, method, batch: dict[str, torch.Tensor], precision: str, 
         inputs["segment_lengths"] = batch["segment_lengths"]
     labels = batch["labels"].to(device)
     keep = labels[:, 1:] != IGNORE_INDEX  # hidden state t predicts token t + 1
-
     targets = labels[:, 1:][keep]
-
-    def selected(hidden: torch.Tensor) -> torch.Tensor:  # (batch, seq, d) -> (labelled positions, d)
-        if hidden.shape[:2] != labels.shape:
-            raise RuntimeError(f"output head got hidden states {tuple(hidden.shape)} for labels {tuple(labels.shape)}")
-        return hidden[:, :-1][keep]
-
-    def select(_module, args, kwargs):
-        chosen = selected(args[0] if args else kwargs["input"]).unsqueeze(0)
-        if args:
-            return (chosen, *args[1:]), kwargs
-        return args, {**kwargs, "input": chosen}
-
-    fused = {}
-
-    def fused_head(hidden):  # replaces head.forward: the loss from the head's input, a stub as the logits
-        fused["loss"] = head_cross_entropy_sum(selected(hidden), head, targets)
-        fused["stub"] = hidden.new_zeros(1, targets.numel(), 0)
-        return fused["stub"]
-
     head = output_head(model)
     selective = head is not None and type(method).align_logits is Method.align_logits
+    fused: dict[str, torch.Tensor] = {}
     dtype = autocast_dtype(precision)
-    if selective and fused_head_applies(model, head):
-        hook = swapped_forward(head, fused_head)
-    elif selective:
-        hook = _pre_hook(head, select)
-    else:
-        hook = contextlib.nullcontext()
-    with hook, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    with _head_hook(model, head if selective else None, labels, keep, targets, fused), \
+            torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         # use_cache=False: transformers 5 builds a KV cache whenever config.use_cache is on, training included
         # (a copy of every layer's keys and values, held to the end of the forward pass).
         logits = model(**inputs, use_cache=False).logits  # selective: (1, labelled positions, vocab)
@@ -169,6 +145,34 @@ def forward_loss(model, method, batch: dict[str, torch.Tensor], precision: str, 
         return causal_lm_loss_sum(method.align_logits(logits, inputs["input_ids"]), labels)
     loss = F.cross_entropy(logits[0].float(), targets, reduction="sum")
     return loss, int(targets.numel())
+
+
+def _head_hook(model, head, labels, keep, targets, fused: dict):
+    """What the head runs inside forward_loss: nothing changed (head None: the full-logits path); the chunked head
+    loss (its forward replaced: the loss goes into `fused`, a stub comes out as the logits); or the head on the
+    labelled positions' hidden states (a forward pre-hook)."""
+
+    def selected(hidden: torch.Tensor) -> torch.Tensor:  # (batch, seq, d) -> (labelled positions, d)
+        if hidden.shape[:2] != labels.shape:
+            raise RuntimeError(f"output head got hidden states {tuple(hidden.shape)} for labels {tuple(labels.shape)}")
+        return hidden[:, :-1][keep]
+
+    def select(_module, args, kwargs):
+        chosen = selected(args[0] if args else kwargs["input"]).unsqueeze(0)
+        if args:
+            return (chosen, *args[1:]), kwargs
+        return args, {**kwargs, "input": chosen}
+
+    def fused_head(hidden):
+        fused["loss"] = head_cross_entropy_sum(selected(hidden), head, targets)
+        fused["stub"] = hidden.new_zeros(1, targets.numel(), 0)
+        return fused["stub"]
+
+    if head is None:
+        return contextlib.nullcontext()
+    if fused_head_applies(model, head):
+        return swapped_forward(head, fused_head)
+    return _pre_hook(head, select)
 
 
 @contextlib.contextmanager
