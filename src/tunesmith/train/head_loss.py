@@ -158,11 +158,15 @@ def _returns_head_output(model, head: torch.nn.Linear) -> bool:
 
     modes = {module: module.training for module in model.modules()}
     model.eval()  # no dropout: the probe draws no random numbers
-    with swapped_forward(head, stub_forward), torch.no_grad():
-        device = head.weight.device
-        out = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
-    for module, training in modes.items():
-        module.training = training
+    try:
+        with swapped_forward(head, stub_forward), torch.no_grad():
+            device = head.weight.device
+            out = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
+    except Exception:  # a model that cannot run this probe keeps the module path (correct, only slower)
+        return False
+    finally:
+        for module, training in modes.items():
+            module.training = training
     logits = getattr(out, "logits", None)
     return logits is not None and logits is stub.get("out")
 
