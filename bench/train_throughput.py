@@ -9,7 +9,8 @@ torch threads (`--threads`, set in every child with torch.set_num_threads and pr
             `bf16=False` (CPUs without native bf16); the same pre-tokenized rows, prompt tokens masked;
   tunesmith `tunesmith train` (packed sequences, each example attended on its own on CPUs (per-example causal
             SDPA, models/attention.py; before 2026-12-02 a block-diagonal mask over the row); logits only at
-            labelled positions).
+            labelled positions, head and loss in one chunked pass (train/head_loss.py); LoRA's update in one
+            addmm_ (methods/lora_forward.py)).
 
 What is counted: useful (non-padding) tokens of the batches actually trained. The Trainer sides count them in
 `training_step` (the trainer's inputs), not in the collator: accelerate's loader prepares one batch ahead, so a
