@@ -13,8 +13,8 @@ linear layer, 4 x 1,024 tokens, fp32, 2 threads) those element-wise passes took 
 Why by hand: peft has no fused path for it. Taken only in the plain case: one active adapter, no variant (DoRA),
 neither merged nor disabled, no LoRA bias, a plain nn.Linear base without hooks, no extra arguments, and matching
 dtypes (under autocast B is cast to the autocast dtype by hand, as autocast would for lora_B: an in-place matmul gets
-no casts); everything else goes through peft's own forward. Tested against peft's forward (outputs and gradients, with and without dropout) in
-tests/methods/test_lora_forward.py.
+no casts); everything else goes through peft's own forward. Tested against peft's forward (outputs and gradients,
+with and without dropout) in tests/methods/test_lora_forward.py.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     update = F.linear(self.lora_dropout[adapter](rows), a_weight)  # (tokens, r)
     if update.dtype != b_weight.dtype:  # autocast: the cast autocast would make for lora_B (an in-place op gets none)
         b_weight = b_weight.to(update.dtype)
-    if result.dtype != update.dtype:
-        return type(self).forward(self, x, *args, **kwargs)
     result.addmm_(update, b_weight.t(), alpha=self.scaling[adapter])
     return result.view(*x.shape[:-1], result.shape[-1])
 

@@ -134,7 +134,8 @@ def activation_estimate(
     # Outside the layer stack: the final norm (input, x*rsqrt, output) when its weight trains, else its output. The
     # chunked head loss keeps no input (its gradients are made in the forward pass): no output, measured
     # (tests/plan/test_plan_memory.py::test_autocast_formula_matches_saved_tensors).
-    final_norm = (3 if owner.trains_base_weights else 1) - (1 if fused_head and owner.trains_base_weights else 0)
+    fused = fused_head and owner.selective_logits  # the chunked loss is taken on the selective-logits path only
+    final_norm = (2 if fused else 3) if owner.trains_base_weights else 1
     saved += tokens * final_norm * f.hidden_size * stream_bytes
     mask, per_layer_mask = (0, False) if segment_attention else owner.attention_mask_elements(method, batch_size, seq)
     if autocast:  # per layer 16-bit casts (one under checkpointing: the recomputed layer's); packing's fp32 original
@@ -142,12 +143,12 @@ def activation_estimate(
         saved += mask * 2 * copies + (0 if per_layer_mask else mask * 4)
     elif mask:
         saved += mask * act_bytes * (f.num_layers if per_layer_mask and not gradient_checkpointing else 1)
-    if owner.selective_logits and fused_head:
+    if owner.selective_logits:
         labelled = math.ceil(labelled_fraction * batch_size * seq_len)
-        logits = fused_head_bytes(labelled, f.hidden_size, f.vocab_size, act_bytes)
-    elif owner.selective_logits:
-        labelled = math.ceil(labelled_fraction * batch_size * seq_len)
-        logits = labelled * f.vocab_size * (3 * 4 + (act_bytes if act_bytes < 4 else 0))
+        if fused:
+            logits = fused_head_bytes(labelled, f.hidden_size, f.vocab_size, act_bytes)
+        else:
+            logits = labelled * f.vocab_size * (3 * 4 + (act_bytes if act_bytes < 4 else 0))
     else:
         logits = tokens * f.vocab_size * (4 * 4 if act_bytes == 4 else 3 * 4 + act_bytes)
     casts = 2 * owner.autocast_weight_casts(f, method, gradient_checkpointing) if autocast else 0

@@ -26,11 +26,13 @@ stub itself. Only then does forward_loss (train/loop.py) take this path.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
 
 from tunesmith.models.head import chunk_rows
+from tunesmith.train import sharding
 
 
 def _chunked(hidden, weight, bias, targets, rows: int, compute_dtype, need: tuple[bool, bool, bool]):
@@ -136,16 +138,8 @@ def fused_head_applies(model, head: torch.nn.Module | None) -> bool:
     if type(head) is not torch.nn.Linear or head.weight.device.type == "meta" or hasattr(head, "_hf_hook"):
         return False
     if head not in _APPLIES:
-        _APPLIES[head] = not _is_sharded(model) and _returns_head_output(model, head)
+        _APPLIES[head] = not sharding.fsdp_units(model) and _returns_head_output(model, head)
     return _APPLIES[head]
-
-
-def _is_sharded(model) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return False
-    return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
 def _returns_head_output(model, head: torch.nn.Linear) -> bool:
@@ -171,22 +165,16 @@ def _returns_head_output(model, head: torch.nn.Linear) -> bool:
     return logits is not None and logits is stub.get("out")
 
 
-class swapped_forward:
-    """Context manager: `module.forward` is `forward` inside the block, restored afterwards (an instance attribute
-    that was there before, e.g. a wrapper's, comes back)."""
-
-    def __init__(self, module: torch.nn.Module, forward):
-        self.module, self.forward = module, forward
-
-    def __enter__(self):
-        self.before = self.module.__dict__.get("forward")
-        self.module.forward = self.forward
-        return self
-
-    def __exit__(self, *exc):
-        if self.before is None:
-            del self.module.forward
+@contextlib.contextmanager
+def swapped_forward(module: torch.nn.Module, forward):
+    """`module.forward` is `forward` inside the block, restored afterwards (an instance attribute that was there
+    before, e.g. a wrapper's, comes back)."""
+    before = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if before is None:
+            del module.forward
         else:
-            self.module.forward = self.before
-        return False
-
+            module.forward = before

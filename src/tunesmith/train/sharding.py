@@ -99,11 +99,18 @@ def is_sharded(accelerator) -> bool:
     return bool(getattr(accelerator, "is_fsdp2", False))
 
 
+def fsdp_units(model) -> list:
+    """The model's FSDP2 units (modules `fully_shard` wrapped); empty for an unsharded model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
 def describe(model, accelerator) -> str:
     """One line for the log: how the model is sharded (units, mesh, offload, mixed precision)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
+    from torch.distributed.fsdp import CPUOffloadPolicy
 
-    units = [type(m).__name__.removeprefix("FSDP") for m in model.modules() if isinstance(m, FSDPModule)]
+    units = [type(m).__name__.removeprefix("FSDP") for m in fsdp_units(model)]
     plugin = accelerator.state.fsdp_plugin
     return (f"FSDP2 over {accelerator.num_processes} processes, mesh {accelerator.torch_device_mesh}, "
             f"{len(units)} units ({', '.join(sorted(set(units)))}), cpu offload {isinstance(plugin.cpu_offload, CPUOffloadPolicy)}, "
@@ -138,11 +145,8 @@ def set_mixed_precision(accelerator, precision: str) -> None:
 
 def after_prepare(model) -> None:
     """Force SUM + explicit division for gradient reduction on every FSDP unit (see the module docstring)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_force_sum_reduction_for_comms(True)
+    for module in fsdp_units(model):
+        module.set_force_sum_reduction_for_comms(True)
 
 
 def as_float(value) -> float:
