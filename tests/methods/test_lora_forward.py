@@ -107,3 +107,72 @@ def test_quantized_and_progressive_layers_are_left_to_peft():
     model = _lora_model(0.0)
     count = use_fused_lora_forward(model)
     assert count == 7 * model.config.num_hidden_layers  # idempotent: the same layers again
+
+
+def test_update_keeps_the_input_once_and_a_bool_mask():
+    """With dropout the fused update (LoraUpdate) keeps, per layer, each input its targets read once (q/k/v share the
+    attention norm output, gate/up the MLP norm output) and one bool mask per target: no fp32 noise and no dropped
+    copy of the input (peft keeps both per target). Counted with saved_tensors_hooks on the tiny llama."""
+    model = _lora_model(0.1)
+    model.train()
+    tokens = 2 * 24
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    hidden = model.config.hidden_size
+    saved: dict[int, torch.Tensor] = {}
+
+    def pack(t):
+        saved.setdefault(t.untyped_storage().data_ptr(), t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, use_cache=False)
+    layers = model.config.num_hidden_layers
+    masks = [t for t in saved.values() if t.dtype == torch.bool and t.shape[0] == tokens]
+    assert len(masks) == 7 * layers  # q, k, v, o, gate, up, down
+    fp32_noise = [t for t in saved.values() if t.dtype == torch.float32 and t.dim() == 2 and t.shape[0] == tokens
+                  and t.shape[1] == hidden and bool(((t == 0) | (t > 1.0)).all())]
+    assert fp32_noise == []  # no 0 / (1/(1-p)) tensors
+    peft = _peft_forward(_lora_model(0.1))
+    peft.train()
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        peft(input_ids=ids, use_cache=False)
+    peft_bytes = sum(t.untyped_storage().nbytes() for t in saved.values())
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, use_cache=False)
+    fused_bytes = sum(t.untyped_storage().nbytes() for t in saved.values())
+    assert fused_bytes < 0.8 * peft_bytes
+
+
+def test_checkpointing_replays_the_same_mask():
+    """Activation checkpointing recomputes each layer in the backward pass: the fused update must draw the same
+    dropout mask again (the CPU generator's state is restored), so the gradients equal those of the run without
+    checkpointing."""
+    plain = _lora_model(0.1)
+    ckpt = _lora_model(0.1)
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt.enable_input_require_grads()
+    ids = torch.randint(0, plain.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    logits, grads = _run(plain, ids, seed=7)
+    ckpt_logits, ckpt_grads = _run(ckpt, ids, seed=7)
+    torch.testing.assert_close(ckpt_logits, logits)
+    for key, grad in grads.items():
+        assert (ckpt_grads[key] - grad).abs().max() <= 1e-5 * grad.abs().max(), key
+
+
+def test_other_dropout_modules_keep_autograds_path():
+    """A plain nn.Dropout (not the CPU bulk draw) goes through autograd's own ops, with its own mask and scaling:
+    the same result as peft's forward from the same seed."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    model = _lora_model(0.1)
+    model.train()
+    layer = next(m for m in model.modules() if type(m) is LoraLinear)
+    layer.lora_dropout["default"] = torch.nn.Dropout(0.1)
+    x = torch.randn(5, layer.in_features)
+    torch.manual_seed(11)
+    fused = layer(x)
+    torch.manual_seed(11)
+    reference = type(layer).forward(layer, x)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)

@@ -130,6 +130,11 @@ class Method:
         """Elements autograd saves per token in one decoder layer (default: the frozen core)."""
         return frozen_core_elements(facts)
 
+    def per_example_attention_elements(self, facts: ModelFacts, config: MethodConfig) -> float:
+        """Elements per token per layer that per-example attention (models/attention.py, packed rows on CPUs) adds to
+        `layer_activation_elements` (default none: the layers keep the same tensors)."""
+        return 0.0
+
     def layer_autocast_bytes(self, facts: ModelFacts, config: MethodConfig, mask_4d: bool = True) -> float:
         """Bytes autograd saves per token in one decoder layer when fp32 weights run under 16-bit autocast (CPUs
         with native bf16): default the frozen core, key/value heads repeated when packing feeds a 4-D mask

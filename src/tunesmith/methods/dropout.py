@@ -13,8 +13,9 @@ Semantics, for an element x and rate p:
     out = 0 with probability p', else x / (1 - p'), each element independently
 so the expectation is exactly x, as with torch's dropout. The generator is torch's default CPU generator: a seeded
 run is reproducible, and activation checkpointing (which restores the CPU RNG state before recomputing) replays the
-same mask. What autograd keeps is what torch's CPU dropout keeps (the fp32 scaled mask), so the planner's memory
-terms are unchanged. Tensors on other devices go through `F.dropout` (CUDA's is one fused kernel).
+same mask. What autograd keeps through `forward` is what torch's CPU dropout keeps (the fp32 scaled mask); the fused
+LoRA update (methods/lora_forward.py) takes `keep_mask` instead and keeps the bool mask alone.
+Tensors on other devices go through `F.dropout` (CUDA's is one fused kernel).
 """
 
 from __future__ import annotations
@@ -38,11 +39,20 @@ class BulkDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0 or x.device.type != "cpu" or not x.is_floating_point():
             return F.dropout(x, self.p, self.training)
+        keep, keep_probability = self.keep_mask(x)
+        noise = keep.to(x.dtype).mul_(1.0 / keep_probability)
+        return x * noise
+
+    def keep_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(the bool mask of the elements of `x` that survive, the probability of surviving). On a CPU the same draws
+        as `forward` makes (p' above), so either use replays the other from the same generator state; elsewhere one
+        `bernoulli_` of 1 - p on the tensor's device."""
+        if x.device.type != "cpu":
+            return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - self.p), 1.0 - self.p
         n = x.numel()
         words = torch.empty(-(-n // 4), dtype=torch.int64, device=x.device).random_()
         lanes = words.view(torch.int16).bitwise_and_(LANE_MASK)[:n].view(x.shape)
-        noise = lanes.ge(self.threshold).to(x.dtype).mul_(1.0 / (1.0 - self.p_effective))
-        return x * noise
+        return lanes.ge(self.threshold), 1.0 - self.p_effective
 
     def extra_repr(self) -> str:
         return f"p={self.p} (drawn at {self.p_effective:.7f})"

@@ -113,36 +113,74 @@ def _input_groups(f: ModelFacts) -> tuple[tuple[tuple[str, ...], int], ...]:
             (("down_proj",), f.intermediate_size))
 
 
-def lora_layer_elements(f: ModelFacts, lo: LoraOptions) -> float:
-    """Activation elements per token per layer under LoRA (plan/activations.py has the measurement):
+def fused_update_applies(lo: LoraOptions) -> bool:
+    """Whether the trainer's LoRA layers run the fused update (methods/lora_forward.py LoraUpdate): every plain LoRA
+    target (not DoRA; QLoRA's 4-bit layers are not plain nn.Linear bases and keep peft's forward)."""
+    return not lo.use_dora
 
+
+def lora_layer_elements(f: ModelFacts, lo: LoraOptions, fused: bool = True) -> float:
+    """Activation elements per token per layer under LoRA (plan/activations.py has the measurement).
+
+    fused (methods/lora_forward.py LoraUpdate, plain LoRA):
+        frozen core + per input that targets read, once: h (q/k/v), h (gate/up), i (down)
+                    + in/4 per target with dropout (its bool mask, 1 byte)
+                    + r per target (the A output that B saves)
+      (o_proj's input, the attention output, is a view of what SDPA keeps; under per-example attention it is a
+      copy: `lora_per_example_attention_elements`)
+    peft's own forward (QLoRA's 4-bit layers, DoRA):
         frozen core + h if a target without dropout reads the attention norm output (q/k/v)
                     + h ... the MLP norm output (gate/up);  + i ... the MLP product (down)
                     + 2*in per target with dropout (the dropped input and its mask, both at activation width)
-                    + r per target (the A output that B saves)
+                    + r per target
     """
     layer0 = [m for m in lora_targets(f, lo.target_modules) if m.layer == 0]
     extra = 0.0
     for group, width in _input_groups(f):
-        if lo.dropout == 0 and any(m.short in group for m in layer0):
+        if (fused or lo.dropout == 0) and any(m.short in group for m in layer0):
             extra += width
     if lo.dropout > 0:
-        extra += sum(2 * m.in_features for m in layer0)
+        extra += sum((m.in_features / 4 if fused else 2 * m.in_features) for m in layer0)
     extra += lo.r * len(layer0)
     return frozen_core_elements(f) + extra
 
 
-def lora_layer_autocast_bytes(f: ModelFacts, lo: LoraOptions, mask_4d: bool = True) -> float:
+def lora_per_example_attention_elements(f: ModelFacts, lo: LoraOptions, fused: bool = True) -> float:
+    """Per-example attention (models/attention.py) joins the examples' outputs into a new tensor, so o_proj's input is
+    no longer a view of what SDPA keeps: the fused update keeps it (q = heads * head_dim elements), as peft's forward
+    does without dropout (with dropout peft keeps the dropped copy, counted in `lora_layer_elements`)."""
+    targets_o = any(m.short == "o_proj" for m in lora_targets(f, lo.target_modules) if m.layer == 0)
+    return float(f.num_heads * f.head_dim) if targets_o and (fused or lo.dropout == 0) else 0.0
+
+
+def lora_layer_autocast_bytes(f: ModelFacts, lo: LoraOptions, mask_4d: bool = True, fused: bool = True) -> float:
     """Bytes per token per layer under 16-bit autocast on fp32 weights (measured, plan/activations.py):
         frozen core (key/value heads repeated under packing's 4-D mask, `mask_4d`)
+    fused (LoraUpdate):
+        + per input that targets read, once, in its own dtype: the norm outputs in fp32 (4h each for q/k/v and
+          gate/up), the MLP product in 16-bit (2i, down), the attention output in 16-bit (2q, o_proj) only under
+          per-example attention (`mask_4d` False; else a view of SDPA's output)
+        + per target with dropout: its bool mask (1 * in)
+        + per target: A's 16-bit output that B keeps (2 * r)
+    peft's own forward:
         + per target with dropout: its fp32 mask (4 * in) and the 16-bit cast of the dropped input A reads (2 * in)
         + per target without dropout: A's own 16-bit cast of the input (2 * in; each matmul casts it again, so
           targets reading the same norm output do not share it as they do in fp32)
-        + per target: A's 16-bit output that B keeps (2 * r)
+        + per target: 2 * r
     """
     layer0 = [m for m in lora_targets(f, lo.target_modules) if m.layer == 0]
-    per_in = 6 if lo.dropout > 0 else 2
-    return frozen_core_autocast_bytes(f, kv_repeated=mask_4d) + sum(per_in * m.in_features + 2 * lo.r for m in layer0)
+    core = frozen_core_autocast_bytes(f, kv_repeated=mask_4d)
+    if not fused:
+        per_in = 6 if lo.dropout > 0 else 2
+        return core + sum(per_in * m.in_features + 2 * lo.r for m in layer0)
+    kept = 0.0
+    for group, width in _input_groups(f):
+        if any(m.short in group for m in layer0):
+            kept += (2 if group == ("down_proj",) else 4) * width
+    if not mask_4d and any(m.short == "o_proj" for m in layer0):
+        kept += 2 * f.num_heads * f.head_dim
+    masks = sum(m.in_features for m in layer0) if lo.dropout > 0 else 0
+    return core + kept + masks + 2 * lo.r * len(layer0)
 
 
 # -------------------------------------------------------------------------------------------- method
@@ -196,10 +234,13 @@ class LoraMethod(Method):
                               f"sum over {len(targets)} modules ({', '.join(kinds)}) of r*(in+out), r={lo.r}")
 
     def layer_activation_elements(self, facts: ModelFacts, config: MethodConfig) -> float:
-        return lora_layer_elements(facts, config.lora)
+        return lora_layer_elements(facts, config.lora, fused_update_applies(config.lora))
+
+    def per_example_attention_elements(self, facts: ModelFacts, config: MethodConfig) -> float:
+        return lora_per_example_attention_elements(facts, config.lora, fused_update_applies(config.lora))
 
     def layer_autocast_bytes(self, facts: ModelFacts, config: MethodConfig, mask_4d: bool = True) -> float:
-        return lora_layer_autocast_bytes(facts, config.lora, mask_4d)
+        return lora_layer_autocast_bytes(facts, config.lora, mask_4d, fused_update_applies(config.lora))
 
     def plan_options(self, *, rank: int, dropout: float, targets: list[str] | str | None,
                      virtual_tokens: int | None) -> dict[str, Any]:

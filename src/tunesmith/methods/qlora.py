@@ -152,14 +152,19 @@ class QLoraMethod(LoraMethod):
         layer0 = [m for m in lora_targets(facts, lo.target_modules) if m.layer == 0]
         kept = sum(w for group, w in _input_groups(facts)
                    if lo.dropout == 0 and any(m.short in group for m in layer0))
-        return lora_layer_elements(facts, lo) + 2 * facts.hidden_size + facts.intermediate_size - kept
+        return lora_layer_elements(facts, lo, fused=False) + 2 * facts.hidden_size + facts.intermediate_size - kept
+
+    def per_example_attention_elements(self, facts: ModelFacts, config: MethodConfig) -> float:
+        """o_proj's 4-bit matmul keeps its input, which per-example attention makes a copy of the attention output
+        (q = heads * head_dim), whatever the dropout."""
+        return float(facts.num_heads * facts.head_dim)
 
     def layer_autocast_bytes(self, facts: ModelFacts, config: MethodConfig, mask_4d: bool = True) -> float:
         """Under 16-bit autocast on fp32 non-quantized weights (CPU bf16): LoRA's terms, but bitsandbytes returns each
         4-bit layer's output in its input's dtype (fp32), so the MLP's gate, silu and up tensors are kept in fp32:
         + 2 * 3i over LoRA's 16-bit ones. Measured with saved_tensors_hooks (bitsandbytes 0.50, CPU): nothing else
         (its 4-bit matmul keeps no input here)."""
-        return lora_layer_autocast_bytes(facts, config.lora, mask_4d) + 2 * 3 * facts.intermediate_size
+        return lora_layer_autocast_bytes(facts, config.lora, mask_4d, fused=False) + 2 * 3 * facts.intermediate_size
 
     def autocast_weight_casts(self, facts: ModelFacts, config: MethodConfig, gradient_checkpointing: bool) -> int:
         """Only the output layer is cast (the 4-bit layers are dequantized inside their own matmul)."""

@@ -9,11 +9,15 @@ tests/plan/test_plan_memory.py re-measures them on a tiny model (within 8%). Ele
         (norm input and x*rsqrt and output for both norms, rotated q, SDPA output, gate/silu/up/product, k and v,
          the SDPA log-sum-exp)
     frozen base ("core"):         2h + 2q + 3i + 2k + a + 2
-      + h   if a LoRA target without dropout reads the attention norm output (q/k/v)
+      LoRA's fused update (methods/lora_forward.py):
+      + h   if a LoRA target reads the attention norm output (q/k/v), once
       + h   ... the MLP norm output (gate/up);  + i  ... the MLP product (down)
-      + 2*in  per LoRA target with dropout (the dropped input and its mask, both saved at activation width)
+      + q   ... the attention output (o_proj), under per-example attention only (else a view of SDPA's output)
+      + in/4  per LoRA target with dropout (its bool mask)
       + r   per LoRA target (the A output that B saves)
-      QLoRA: + 2h + i always (bitsandbytes' 4-bit matmul keeps its input), without double counting the above
+      QLoRA (peft's own forward): the groups' inputs only for targets without dropout, + 2*in per target with
+      dropout (the dropped input and its mask, both at activation width), + r per target, and + 2h + i always
+      (bitsandbytes' 4-bit matmul keeps its input), without double counting
     prompt tuning: the frozen core over seq + virtual tokens
     prefix tuning: the frozen core + 2h (the residual stream now requires grad through the prefix keys/values)
     adapters:      the frozen core + per adapter (its input, the relu output; + the pre-activation for gelu/silu):
@@ -27,9 +31,11 @@ per token per layer (`Method.layer_autocast_bytes`; kv = q when a 4-D mask makes
 heads before SDPA: packing and prefixes):
     frozen core:    4 (2h + a + 2) + 2 (3i + 2q + 2kv)   norms (input, rsqrt), log-sum-exp fp32; MLP/attention bf16
     full:           4 (4h + a + 2) + 2 (5h + 4i + 2q + 2kv)   every matmul keeps its own bf16 cast of its input
-    LoRA:           core + per target 6 in (dropout: fp32 mask + bf16 cast; without dropout 2 in: A's own cast,
+    LoRA:           core + each input its targets read, once, in its dtype (4h q/k/v, 4h gate/up, 2i down,
+                    2q o_proj under per-example attention) + per target with dropout its bool mask (in) + 2r
+    QLoRA:          core + per target 6 in (dropout: fp32 mask + bf16 cast; without dropout 2 in: A's own cast,
                     not shared between targets as in fp32) + 2r
-    QLoRA:          LoRA + 2 x 3i (bitsandbytes returns fp32, so gate/silu/up stay fp32; nothing else kept)
+                    + 2 x 3i (bitsandbytes returns fp32, so gate/silu/up stay fp32; nothing else kept)
     adapters:       core + 2 x (2h + 2m (+ 2m for gelu/silu))
     prefix/prompt:  the core (no +2h)
   + every matmul's fp32 weight cast to bf16 and kept for the backward pass: 2 bytes x (decoder Linear weights +
@@ -118,6 +124,8 @@ def activation_estimate(
     seq = seq_len + owner.virtual_tokens(method)
     tokens = batch_size * seq
     per_layer = layer_elements_per_token(f, method)
+    if segment_attention:
+        per_layer += owner.per_example_attention_elements(f, method)
     if autocast:
         layer_bytes = tokens * owner.layer_autocast_bytes(f, method, mask_4d=not segment_attention)
         stream_bytes = 4  # the residual stream (and the final norm) stays fp32
