@@ -27,8 +27,12 @@ attention call at T x T, a causal one (is_causal) at its T(T+1)/2 computed pairs
 matmuls, torch's formula otherwise) and step 2N under torch.profiler, whose self times
 are grouped into attention, MLP, LoRA, head (projection + loss), optimizer, collation and other (and the largest
 ops of "other" are listed). Achieved FLOP/s = the counted steps' FLOPs per useful token x the window's useful
-tokens/s, against a matmul peak (fp32 1024^3 torch.mm, best of 10) measured in the same child, on the same
-threads, right after training.
+tokens/s, against a matmul peak (fp32 1024^3 torch.mm) measured in the same child, on the same threads, during the
+window: at the end of every step 1..N (best of 5 matmuls, ~0.05 s, excluded from the steps' seconds on every side),
+the median of those probes is the denominator (since 2026-12-02 08:00; before, one best-of-10 measurement right
+after training, still printed beside it as `utilisation_after`: a shared host's speed drifts within minutes, and a
+single probe after training saw 169-211 GFLOP/s in children whose steps ran alike). `utilisation_per_step` holds each
+timed step's own FLOP/s against the probes on either side of it.
 
 `--repeats R` runs the three sides in R rotations (order rotated each time); each ratio is taken within one
 rotation (adjacent runs) and the median over rotations is reported, as bench/serve_bench.py does.
@@ -83,6 +87,8 @@ class StepInstruments:
 
         register_optimizer_step_post_hook(lambda *_: self.step_end())
         self.ends: list[float] = []
+        self.resumes: list[float] = []  # when training resumed after each step end (after the peak probe)
+        self.window_peaks: list[float] = []  # the matmul peak probed at the end of steps 1..timed_steps
         self.flop_counter = None
         self.profiler = None
         self.flops = 0
@@ -106,6 +112,8 @@ class StepInstruments:
         if self.on_step_end is not None:
             self.on_step_end()
         done = len(self.ends)
+        if done <= self.timed_steps:  # before any FLOP counter opens: the probe's matmuls are not the step's FLOPs
+            self.window_peaks.append(matmul_peak_flops(repeats=PROBE_REPEATS))
         # One counter per counted step: with one counter kept open over 7 steps the tunesmith side peaked at 22.8 GiB
         # (long-tailed data, 4 x 1,024), against 15.7 GiB with a single counted step; the machine has 23 GB.
         if self.flop_counter is not None:
@@ -122,9 +130,15 @@ class StepInstruments:
             self.profiler.__enter__()
         elif done == self.total_steps and self.profiler is not None:
             self.profiler.__exit__(None, None, None)
+        self.resumes.append(time.perf_counter())
+
+    def step_seconds(self) -> list[float]:
+        """Seconds of steps 2..timed_steps, each from the end of the previous step's probe to its own end."""
+        return [end - resume for resume, end in zip(self.resumes[: self.timed_steps - 1], self.ends[1: self.timed_steps],
+                                                    strict=True)]
 
     def window_seconds(self) -> float:
-        return self.ends[self.timed_steps - 1] - self.ends[0]
+        return sum(self.step_seconds())
 
 
 def flop_counter():
@@ -161,6 +175,9 @@ def flop_counter():
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = forward
         mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = backward
     return fc.FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+PROBE_REPEATS = 5  # matmuls per in-window peak probe (~0.05 s at 200 GFLOP/s), outside the steps' seconds
 
 
 def matmul_peak_flops(size: int = 1024, repeats: int = 10) -> float:
@@ -238,20 +255,32 @@ def finish(instruments: StepInstruments, tokens_per_step: list[int], dims: dict[
     """The child's measured record; steps are 1-based, tokens_per_step[i] = useful tokens of step i+1."""
     n, k = instruments.timed_steps, instruments.flop_steps
     window_tokens = sum(tokens_per_step[1:n])
-    seconds = instruments.window_seconds()
+    step_seconds = instruments.step_seconds()
+    seconds = sum(step_seconds)
     counted_tokens = sum(tokens_per_step[n:n + k])  # the useful tokens of the FLOP-counted steps n+1..n+k
     flops_per_token = instruments.flops / counted_tokens if counted_tokens else 0.0
     tokens_per_second = window_tokens / seconds
-    profile_seconds = instruments.ends[n + k] - instruments.ends[n + k - 1]
+    profile_seconds = instruments.ends[n + k] - instruments.resumes[n + k - 1]
     categories = categorize_profile(instruments.profiler, dims) if instruments.profiler is not None else {}
-    peak = matmul_peak_flops()
+    # The peak: probed at the end of every step of the window (steps 1..n, outside the steps' seconds), so it sees
+    # the machine the steps saw (a shared host's speed drifts within minutes); the median of the probes is the
+    # denominator. The old single measurement after training is kept beside it.
+    probes = instruments.window_peaks
+    peak = statistics.median(probes)
+    peak_after = matmul_peak_flops()
     achieved = flops_per_token * tokens_per_second
+    # per step i (2..n): its own FLOP/s against the mean of the probes taken just before and just after it
+    per_step = [flops_per_token * tokens_per_step[i] / step_seconds[i - 1] / ((probes[i - 1] + probes[i]) / 2)
+                for i in range(1, n)]
     return {"useful_tokens": window_tokens, "seconds": seconds, "useful_tokens_per_second": tokens_per_second,
-            "timed_steps": f"2..{n}", "step_seconds": [round(b - a, 4) for a, b in zip(instruments.ends, instruments.ends[1:n], strict=False)],
+            "timed_steps": f"2..{n}", "step_seconds": [round(x, 4) for x in step_seconds],
             "tokens_per_step": tokens_per_step[: n + k + 1], "flops_counted_steps": f"{n + 1}..{n + k}",
             "flops_counted": instruments.flops,
             "flops_per_token": flops_per_token, "achieved_flops": achieved, "matmul_peak_flops": peak,
-            "utilisation": achieved / peak, "profile_step_seconds": profile_seconds,
+            "matmul_peak_probes": [round(x / 1e9, 1) for x in probes], "utilisation": achieved / peak,
+            "utilisation_per_step": [round(x, 4) for x in per_step],
+            "matmul_peak_after_flops": peak_after, "utilisation_after": achieved / peak_after,
+            "profile_step_seconds": profile_seconds,
             "profile_seconds": {k: round(v, 4) for k, v in categories.items()},
             "profile_top_other": top_other_ops(instruments.profiler, dims) if instruments.profiler is not None else {}}
 
@@ -529,7 +558,9 @@ def main(argv=None) -> int:
             print(json.dumps({"rotation": r + 1, "side": kind, **x}), flush=True)  # each side's record, as it ends
             print(f"rotation {r + 1} {kind:9s} {x['useful_tokens']:7d} useful tokens in {x['seconds']:7.2f}s = "
                   f"{x['useful_tokens_per_second']:8.1f} tok/s; {x['achieved_flops'] / 1e9:6.1f} GFLOP/s = "
-                  f"{100 * x['utilisation']:4.1f}% of the matmul peak {x['matmul_peak_flops'] / 1e9:.1f}; "
+                  f"{100 * x['utilisation']:4.1f}% of the matmul peak {x['matmul_peak_flops'] / 1e9:.1f} (median of "
+                  f"{len(x['matmul_peak_probes'])} probes in the window; {100 * x['utilisation_after']:4.1f}% of "
+                  f"{x['matmul_peak_after_flops'] / 1e9:.1f} after training); "
                   f"threads {x['threads']}; peak RSS {x['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
         rotations.append({k: rotation[k] for k in sides})
     ratios = rotation_ratios(rotations)

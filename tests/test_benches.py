@@ -94,14 +94,19 @@ def test_train_throughput_flops_per_token_averages_the_counted_steps():
     import train_throughput as tt
 
     ends = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0]  # the ends of steps 1..8
-    instruments = SimpleNamespace(timed_steps=4, flop_steps=3, flops=9000, ends=ends, profiler=None,
-                                  window_seconds=lambda: ends[3] - ends[0])
+    instruments = SimpleNamespace(timed_steps=4, flop_steps=3, flops=9000, ends=ends, resumes=ends, profiler=None,
+                                  step_seconds=lambda: [1.0, 1.0, 1.0], window_peaks=[1e3, 2e3, 4e3, 4e3])
     tokens = [10, 100, 100, 100, 200, 300, 400, 50]
     record = tt.finish(instruments, tokens, {"vocab": 1, "intermediate": 2, "rank": 3})
     assert record["useful_tokens"] == 300 and record["useful_tokens_per_second"] == 100  # steps 2..4 in 3 s
     assert record["flops_per_token"] == 9000 / (200 + 300 + 400)  # steps 5..7
     assert record["achieved_flops"] == pytest.approx(1000) and record["flops_counted_steps"] == "5..7"
     assert record["profile_step_seconds"] == 2.0  # step 8
+    # the peak: the median of the probes at the ends of steps 1..4; each step against the probes on its two sides
+    assert record["matmul_peak_flops"] == 3e3 and record["utilisation"] == pytest.approx(1000 / 3e3)
+    per_token = 9000 / 900
+    assert record["utilisation_per_step"] == pytest.approx([per_token * 100 / 1.5e3, per_token * 100 / 3e3,
+                                                            per_token * 100 / 4e3], abs=1e-4)
     assert tt.StepInstruments.steps_needed(4) == 8 and tt.StepInstruments.steps_needed(2) == 4
 
 
@@ -284,3 +289,26 @@ def test_dropout_speed_quick_end_to_end():
         assert rotation["ratio"] == pytest.approx(rotation["torch"] / rotation["tunesmith"])
     assert record["ratio"] == pytest.approx(sorted(r["ratio"] for r in record["rotations"])[1])
     assert lines[-1].startswith(f"ratio={record['ratio']:.2f}")
+
+
+def test_train_throughput_peak_probes_stay_outside_the_steps(monkeypatch):
+    """The matmul peak is probed at the end of every timed step, and the probe's seconds belong to no step: a probe
+    made to take 0.2 s leaves the window at the steps' own time (built without __init__, which would register a
+    global optimizer hook in the test process)."""
+    import contextlib
+    import time as clock
+    from types import SimpleNamespace
+
+    import train_throughput as tt
+
+    monkeypatch.setattr(tt, "matmul_peak_flops", lambda size=1024, repeats=10: clock.sleep(0.2) or 100.0 + repeats)
+    instruments = object.__new__(tt.StepInstruments)
+    instruments.__dict__.update(timed_steps=3, flop_steps=1, on_step_end=None, ends=[], resumes=[], window_peaks=[],
+                                flop_counter=None, profiler=None, flops=0)
+    monkeypatch.setattr(tt, "flop_counter", lambda: contextlib.nullcontext(SimpleNamespace(get_total_flops=lambda: 7)))
+    for _ in range(3):
+        instruments.step_end()
+        clock.sleep(0.01)
+    assert instruments.window_peaks == [100.0 + tt.PROBE_REPEATS] * 3
+    assert len(instruments.step_seconds()) == 2
+    assert instruments.window_seconds() < 0.15  # two steps of ~0.01 s; the three 0.2 s probes are not in it
