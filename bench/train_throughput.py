@@ -10,7 +10,8 @@ torch threads (`--threads`, set in every child with torch.set_num_threads and pr
   tunesmith `tunesmith train` (packed sequences, each example attended on its own on CPUs (per-example causal
             SDPA, models/attention.py; before 2026-12-02 a block-diagonal mask over the row); logits only at
             labelled positions, head and loss in one chunked pass (train/head_loss.py); LoRA's update in one
-            addmm_ (methods/lora_forward.py)).
+            addmm_, as one autograd Function keeping each input once and a bool dropout mask
+            (methods/lora_forward.py)).
 
 What is counted: useful (non-padding) tokens of the batches actually trained. The Trainer sides count them in
 `training_step` (the trainer's inputs), not in the collator: accelerate's loader prepares one batch ahead, so a

@@ -28,6 +28,13 @@ LANE_BITS = 15
 LANE_MASK = (1 << LANE_BITS) - 1
 
 
+def as_float_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as 0/1 in `dtype`. Through a uint8 view: torch's CPU cast from bool is not vectorized (measured,
+    (4,024 x 576), 2 threads: 0.86 ms from bool, 0.13 ms from the same bytes as uint8), and a multiply by a bool
+    tensor casts it that slow way first."""
+    return keep.view(torch.uint8).to(dtype)
+
+
 class BulkDropout(nn.Dropout):
     """nn.Dropout whose CPU mask comes from bulk 64-bit draws (see the module docstring)."""
 
@@ -40,7 +47,7 @@ class BulkDropout(nn.Dropout):
         if not self.training or self.threshold == 0 or x.device.type != "cpu" or not x.is_floating_point():
             return F.dropout(x, self.p, self.training)
         keep, keep_probability = self.keep_mask(x)
-        noise = keep.to(x.dtype).mul_(1.0 / keep_probability)
+        noise = as_float_mask(keep, x.dtype).mul_(1.0 / keep_probability)
         return x * noise
 
     def keep_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:

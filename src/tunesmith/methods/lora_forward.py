@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.methods.dropout import BulkDropout
+from tunesmith.methods.dropout import BulkDropout, as_float_mask
 
 
 def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -86,7 +86,7 @@ class LoraUpdate(torch.autograd.Function):
     def forward(ctx, result, rows, a_weight, b_weight, keep, scaling):
         dtype = result.dtype  # the autocast dtype under autocast (the base matmul's output), else the weights'
         with torch.autocast(rows.device.type, enabled=False):
-            dropped = rows if keep is None else rows * keep
+            dropped = rows if keep is None else rows * as_float_mask(keep, rows.dtype)
             update = dropped.to(dtype) @ a_weight.to(dtype).t()  # (tokens, r)
             result.addmm_(update, b_weight.to(dtype).t(), alpha=scaling)
         ctx.mark_dirty(result)
@@ -107,12 +107,12 @@ class LoraUpdate(torch.autograd.Function):
             if need_rows or need_a:
                 grad_update = (grad @ b_weight.to(dtype)).mul_(ctx.scaling)  # (tokens, r)
             if need_a:
-                dropped = rows if keep is None else rows * keep
+                dropped = rows if keep is None else rows * as_float_mask(keep, rows.dtype)
                 grad_a = (dropped.to(dtype).t() @ grad_update).t().to(a_weight.dtype)  # (r, in)
             if need_rows:
                 grad_rows = grad_update @ a_weight.to(dtype)  # (tokens, in)
                 if keep is not None:
-                    grad_rows.mul_(keep)
+                    grad_rows.mul_(as_float_mask(keep, grad_rows.dtype))
                 grad_rows = grad_rows.to(rows.dtype)
         return grad, grad_rows, grad_a, grad_b, None, None
 
