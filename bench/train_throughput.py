@@ -90,6 +90,7 @@ class StepInstruments:
         self.ends: list[float] = []
         self.resumes: list[float] = []  # when training resumed after each step end (after the peak probe)
         self.window_peaks: list[float] = []  # the matmul peak probed at the end of steps 1..timed_steps
+        self.rss_at_step_end: list[int] = []  # ru_maxrss (bytes) at each step end
         self.flop_counter = None
         self.profiler = None
         self.flops = 0
@@ -110,6 +111,9 @@ class StepInstruments:
 
     def step_end(self) -> None:
         self.ends.append(time.perf_counter())
+        # the process's peak RSS so far at every step end: the timed steps' own peak apart from the FLOP-counted and
+        # profiled steps after them (whose instruments hold memory of their own)
+        self.rss_at_step_end.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         if self.on_step_end is not None:
             self.on_step_end()
         done = len(self.ends)
@@ -282,6 +286,9 @@ def finish(instruments: StepInstruments, tokens_per_step: list[int], dims: dict[
             "utilisation_per_step": [round(x, 4) for x in per_step],
             "matmul_peak_after_flops": peak_after, "utilisation_after": achieved / peak_after,
             "profile_step_seconds": profile_seconds,
+            "peak_rss_timed_steps_bytes": (instruments.rss_at_step_end[n - 1]
+                                           if getattr(instruments, "rss_at_step_end", None) else None),
+            "peak_rss_at_step_end_bytes": list(getattr(instruments, "rss_at_step_end", [])),
             "profile_seconds": {k: round(v, 4) for k, v in categories.items()},
             "profile_top_other": top_other_ops(instruments.profiler, dims) if instruments.profiler is not None else {}}
 
@@ -562,7 +569,8 @@ def main(argv=None) -> int:
                   f"{100 * x['utilisation']:4.1f}% of the matmul peak {x['matmul_peak_flops'] / 1e9:.1f} (median of "
                   f"{len(x['matmul_peak_probes'])} probes in the window; {100 * x['utilisation_after']:4.1f}% of "
                   f"{x['matmul_peak_after_flops'] / 1e9:.1f} after training); "
-                  f"threads {x['threads']}; peak RSS {x['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+                  f"threads {x['threads']}; peak RSS {x['peak_rss_bytes'] / 2**30:.2f} GiB (timed steps "
+                  f"{(x.get('peak_rss_timed_steps_bytes') or 0) / 2**30:.2f})", flush=True)
         rotations.append({k: rotation[k] for k in sides})
     ratios = rotation_ratios(rotations)
     last = rotations[-1]["tunesmith"]

@@ -304,7 +304,7 @@ def test_train_throughput_peak_probes_stay_outside_the_steps(monkeypatch):
     monkeypatch.setattr(tt, "matmul_peak_flops", lambda size=1024, repeats=10: clock.sleep(0.2) or 100.0 + repeats)
     instruments = object.__new__(tt.StepInstruments)
     instruments.__dict__.update(timed_steps=3, flop_steps=1, on_step_end=None, ends=[], resumes=[], window_peaks=[],
-                                flop_counter=None, profiler=None, flops=0)
+                                rss_at_step_end=[], flop_counter=None, profiler=None, flops=0)
     monkeypatch.setattr(tt, "flop_counter", lambda: contextlib.nullcontext(SimpleNamespace(get_total_flops=lambda: 7)))
     for _ in range(3):
         instruments.step_end()
@@ -312,3 +312,4 @@ def test_train_throughput_peak_probes_stay_outside_the_steps(monkeypatch):
     assert instruments.window_peaks == [100.0 + tt.PROBE_REPEATS] * 3
     assert len(instruments.step_seconds()) == 2
     assert instruments.window_seconds() < 0.15  # two steps of ~0.01 s; the three 0.2 s probes are not in it
+    assert len(instruments.rss_at_step_end) == 3 and instruments.rss_at_step_end[0] > 0  # the peak RSS at each step end
