@@ -142,9 +142,6 @@ class StepInstruments:
         return [end - resume for resume, end in zip(self.resumes[: self.timed_steps - 1], self.ends[1: self.timed_steps],
                                                     strict=True)]
 
-    def window_seconds(self) -> float:
-        return sum(self.step_seconds())
-
 
 def flop_counter():
     """torch's FlopCounterMode, taught the CPU flash-attention kernels (torch 2.x CPU SDPA) and in-place addmm_,
@@ -286,9 +283,8 @@ def finish(instruments: StepInstruments, tokens_per_step: list[int], dims: dict[
             "utilisation_per_step": [round(x, 4) for x in per_step],
             "matmul_peak_after_flops": peak_after, "utilisation_after": achieved / peak_after,
             "profile_step_seconds": profile_seconds,
-            "peak_rss_timed_steps_bytes": (instruments.rss_at_step_end[n - 1]
-                                           if getattr(instruments, "rss_at_step_end", None) else None),
-            "peak_rss_at_step_end_bytes": list(getattr(instruments, "rss_at_step_end", [])),
+            "peak_rss_timed_steps_bytes": instruments.rss_at_step_end[n - 1],
+            "peak_rss_at_step_end_bytes": list(instruments.rss_at_step_end),
             "profile_seconds": {k: round(v, 4) for k, v in categories.items()},
             "profile_top_other": top_other_ops(instruments.profiler, dims) if instruments.profiler is not None else {}}
 
@@ -570,7 +566,7 @@ def main(argv=None) -> int:
                   f"{len(x['matmul_peak_probes'])} probes in the window; {100 * x['utilisation_after']:4.1f}% of "
                   f"{x['matmul_peak_after_flops'] / 1e9:.1f} after training); "
                   f"threads {x['threads']}; peak RSS {x['peak_rss_bytes'] / 2**30:.2f} GiB (timed steps "
-                  f"{(x.get('peak_rss_timed_steps_bytes') or 0) / 2**30:.2f})", flush=True)
+                  f"{x['peak_rss_timed_steps_bytes'] / 2**30:.2f})", flush=True)
         rotations.append({k: rotation[k] for k in sides})
     ratios = rotation_ratios(rotations)
     last = rotations[-1]["tunesmith"]

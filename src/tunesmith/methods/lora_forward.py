@@ -46,14 +46,14 @@ def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     result = F.linear(rows, base.weight, base.bias)  # (tokens, out); under autocast in its dtype, as peft's
     dropout = self.lora_dropout[adapter]
     scaling = self.scaling[adapter]
-    keep = None
-    if dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
-        if not isinstance(dropout, BulkDropout):  # a mask LoraUpdate cannot draw the same way: autograd's own ops
-            return _addmm_update(result, dropout(rows), a_weight, b_weight, scaling).view(*x.shape[:-1], -1)
+    if isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout) and not (dropout.training and dropout.p > 0)):
+        keep = None
+    elif isinstance(dropout, BulkDropout):
         keep, keep_probability = dropout.keep_mask(rows)
         scaling = scaling / keep_probability
-    elif not isinstance(dropout, (nn.Identity, nn.Dropout)):
-        return _addmm_update(result, dropout(rows), a_weight, b_weight, scaling).view(*x.shape[:-1], -1)
+    else:  # another dropout module: its mask is not exposed, so autograd's own ops
+        result = _addmm_update(result, dropout(rows), a_weight, b_weight, scaling)
+        return result.view(*x.shape[:-1], result.shape[-1])
     result = LoraUpdate.apply(result, rows, a_weight, b_weight, keep, scaling)
     return result.view(*x.shape[:-1], result.shape[-1])
 
@@ -106,14 +106,14 @@ class LoraUpdate(torch.autograd.Function):
                 grad_b = (grad.t() @ update).mul_(ctx.scaling).to(b_weight.dtype)  # (out, r)
             if need_rows or need_a:
                 grad_update = (grad @ b_weight.to(dtype)).mul_(ctx.scaling)  # (tokens, r)
+                mask = None if keep is None else as_float_mask(keep, rows.dtype)  # one cast for both uses
             if need_a:
-                dropped = rows if keep is None else rows * as_float_mask(keep, rows.dtype)
+                dropped = rows if mask is None else rows * mask
                 grad_a = (dropped.to(dtype).t() @ grad_update).t().to(a_weight.dtype)  # (r, in)
             if need_rows:
-                grad_rows = grad_update @ a_weight.to(dtype)  # (tokens, in)
-                if keep is not None:
-                    grad_rows.mul_(as_float_mask(keep, grad_rows.dtype))
-                grad_rows = grad_rows.to(rows.dtype)
+                grad_rows = (grad_update @ a_weight.to(dtype)).to(rows.dtype)  # (tokens, in)
+                if mask is not None:  # exact 0/1: the same whether applied before or after the cast
+                    grad_rows.mul_(mask)
         return grad, grad_rows, grad_a, grad_b, None, None
 
 
