@@ -4,7 +4,7 @@ One training step of LoRA on all linear layers draws a dropout mask over the inp
 times what one decoder layer of the chosen model draws per micro-batch: for each of its adapted projections, the
 dropout of a (tokens, in_features) fp32 input, forward and backward (the product with the upstream gradient), for
     torch      nn.Dropout(p), i.e. F.dropout: bernoulli_ on a float tensor, div_, product
-    tunesmith  BulkDropout(p): four 15-bit uniforms per 64-bit draw, the same fp32 scaled mask saved
+    tunesmith  BulkDropout(p): only the dropped positions drawn (geometric gaps), the same fp32 scaled mask saved
 Same process, same threads (set and printed), same inputs, both warmed up; `--repeats` rotations alternate the
 order; the ratio is the median over rotations of torch time / tunesmith time.
 

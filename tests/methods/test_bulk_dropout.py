@@ -9,34 +9,62 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.methods.dropout import BulkDropout, use_bulk_dropout
+from tunesmith.methods.dropout import BulkDropout, drop_positions, use_bulk_dropout
 
 
 def test_drop_rate_scale_and_expectation_match_the_stated_semantics():
     torch.manual_seed(0)
-    dropout = BulkDropout(0.05).train()
-    assert dropout.p_effective == 1638 / 32768
+    p = 0.05
+    dropout = BulkDropout(p).train()
     n = 4_000_000
     out = dropout(torch.ones(n))
     kept = out != 0
-    # every survivor is scaled by exactly 1 / (1 - p'); nothing else appears
-    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / (1 - dropout.p_effective)))
+    # every survivor is scaled by exactly 1 / (1 - p); nothing else appears
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / (1 - p)))
     # drop fraction: binomial, 5 standard deviations (sd = sqrt(p (1 - p) / n) ~ 1.1e-4)
-    sd = math.sqrt(dropout.p_effective * (1 - dropout.p_effective) / n)
-    assert abs((~kept).float().mean().item() - dropout.p_effective) < 5 * sd
-    assert abs(out.mean().item() - 1.0) < 5 * sd / (1 - dropout.p_effective)
+    sd = math.sqrt(p * (1 - p) / n)
+    assert abs((~kept).float().mean().item() - p) < 5 * sd
+    assert abs(out.mean().item() - 1.0) < 5 * sd / (1 - p)
 
 
-def test_each_of_the_four_lanes_per_draw_drops_at_the_same_rate():
-    # element k comes from lane k % 4 of a 64-bit draw; the fourth lane's top bit is always 0, so a lane that used
-    # all 16 bits would drop at a different rate there. Check every lane on its own.
-    torch.manual_seed(1)
-    dropout = BulkDropout(0.3).train()
-    out = dropout(torch.ones(4 * 500_000)).view(-1, 4)
-    p = dropout.p_effective
-    sd = math.sqrt(p * (1 - p) / 500_000)
-    for lane in range(4):
-        assert abs((out[:, lane] == 0).float().mean().item() - p) < 5 * sd, lane
+@pytest.mark.parametrize("p", [0.01, 0.05, 0.3, 0.9])
+def test_positions_are_independent_bernoulli_draws(p):
+    """The geometric gaps make each element an independent Bernoulli(p) draw: the same rate at the start, the middle
+    and the end of the tensor (the running sum must not drift), the same rate right after a dropped element as
+    anywhere (no correlation between neighbours), and every index in range, sorted and distinct."""
+    torch.manual_seed(2)
+    n = 2_000_000
+    positions = drop_positions(n, p)
+    assert positions.dtype == torch.int64 and int(positions[0]) >= 0 and int(positions[-1]) < n
+    assert bool((positions[1:] > positions[:-1]).all())
+    dropped = torch.zeros(n, dtype=torch.bool)
+    dropped[positions] = True
+    for part in dropped.view(4, -1):
+        sd = math.sqrt(p * (1 - p) / part.numel())
+        assert abs(part.float().mean().item() - p) < 5 * sd
+    after_drop = dropped[1:][dropped[:-1]]
+    sd = math.sqrt(p * (1 - p) / after_drop.numel())
+    assert abs(after_drop.float().mean().item() - p) < 5 * sd
+    gaps = (positions[1:] - positions[:-1] - 1).float()  # kept elements between drops: geometric, mean (1-p)/p
+    mean = (1 - p) / p
+    assert abs(gaps.mean().item() - mean) < 5 * math.sqrt((1 - p) / p**2 / gaps.numel())
+
+
+def test_a_short_first_batch_of_draws_is_continued():
+    # far more elements than one batch of draws covers when the rate is tiny relative to the margin: the loop draws
+    # again and the positions continue after the last one
+    import tunesmith.methods.dropout as dropout_module
+
+    torch.manual_seed(5)
+    original = dropout_module.MARGIN_SDS
+    dropout_module.MARGIN_SDS = -20  # the first batch falls short of n
+    try:
+        positions = drop_positions(200_000, 0.2)
+    finally:
+        dropout_module.MARGIN_SDS = original
+    assert bool((positions[1:] > positions[:-1]).all()) and int(positions[-1]) < 200_000
+    assert abs(positions.numel() / 200_000 - 0.2) < 5 * math.sqrt(0.2 * 0.8 / 200_000)
+    assert int(positions[-1]) > 199_000  # covers the whole tensor, not just the first batch's reach
 
 
 def test_masks_are_independent_between_calls_and_reproducible_under_a_seed():
@@ -56,7 +84,7 @@ def test_gradient_is_the_mask_times_the_scale_like_torch_dropout():
     x = torch.randn(64, 33, requires_grad=True)
     out = dropout(x)
     out.backward(torch.ones_like(out))
-    noise = torch.where(out != 0, 1 / (1 - dropout.p_effective), 0.0)
+    noise = torch.where(out != 0, 1 / (1 - 0.2), 0.0)
     torch.testing.assert_close(out, x.detach() * noise)
     torch.testing.assert_close(x.grad, noise)
 
@@ -65,7 +93,6 @@ def test_eval_mode_and_zero_rate_pass_the_input_through():
     x = torch.randn(5, 7)
     assert torch.equal(BulkDropout(0.1).eval()(x), x)
     assert torch.equal(BulkDropout(0.0).train()(x), x)
-    assert torch.equal(BulkDropout(1e-9).train()(x), x)  # rounds to no drop at 15-bit resolution
 
 
 def test_same_distribution_as_torch_dropout_on_a_linear_layer():

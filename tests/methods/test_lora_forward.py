@@ -109,10 +109,11 @@ def test_quantized_and_progressive_layers_are_left_to_peft():
     assert count == 7 * model.config.num_hidden_layers  # idempotent: the same layers again
 
 
-def test_update_keeps_the_input_once_and_a_bool_mask():
+def test_update_keeps_the_input_once_and_the_dropped_positions():
     """With dropout the fused update (LoraUpdate) keeps, per layer, each input its targets read once (q/k/v share the
-    attention norm output, gate/up the MLP norm output) and one bool mask per target: no fp32 noise and no dropped
-    copy of the input (peft keeps both per target). Counted with saved_tensors_hooks on the tiny llama."""
+    attention norm output, gate/up the MLP norm output) and one int32 tensor of dropped positions per target: no fp32
+    noise, no mask over the whole input and no dropped copy of the input (peft keeps both per target). Counted with
+    saved_tensors_hooks on the tiny llama."""
     model = _lora_model(0.1)
     model.train()
     tokens = 2 * 24
@@ -127,8 +128,13 @@ def test_update_keeps_the_input_once_and_a_bool_mask():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(input_ids=ids, use_cache=False)
     layers = model.config.num_hidden_layers
-    masks = [t for t in saved.values() if t.dtype == torch.bool and t.shape[0] == tokens]
-    assert len(masks) == 7 * layers  # q, k, v, o, gate, up, down
+    positions = [t for t in saved.values() if t.dtype == torch.int32 and t.dim() == 1]
+    assert len(positions) == 7 * layers  # q, k, v, o, gate, up, down
+    inputs = model.config.hidden_size * 6 + model.config.intermediate_size
+    dropped = sum(t.numel() for t in positions) / (tokens * inputs * layers)
+    assert 0.05 < dropped < 0.15  # about p = 0.1 of the input elements, each kept as one int32
+    assert all(bool((t[1:] > t[:-1]).all()) for t in positions if t.numel() > 1)  # sorted, distinct
+    assert not [t for t in saved.values() if t.dtype == torch.bool and t.shape[0] == tokens]  # no whole-input mask
     fp32_noise = [t for t in saved.values() if t.dtype == torch.float32 and t.dim() == 2 and t.shape[0] == tokens
                   and t.shape[1] == hidden and bool(((t == 0) | (t > 1.0)).all())]
     assert fp32_noise == []  # no 0 / (1/(1-p)) tensors
@@ -147,7 +153,7 @@ def test_update_keeps_the_input_once_and_a_bool_mask():
 
 def test_checkpointing_replays_the_same_mask():
     """Activation checkpointing recomputes each layer in the backward pass: the fused update must draw the same
-    dropout mask again (the CPU generator's state is restored), so the gradients equal those of the run without
+    dropped positions again (the CPU generator's state is restored), so the gradients equal those of the run without
     checkpointing."""
     plain = _lora_model(0.1)
     ckpt = _lora_model(0.1)

@@ -1,68 +1,89 @@
-"""LoRA's input dropout, with its random mask drawn in bulk on CPUs.
+"""LoRA's input dropout, with its mask drawn as the positions of the dropped elements (CPU generator).
 
-Why by hand: on a CPU, torch's dropout (`_dropout_impl`: `bernoulli_` on a float tensor, `div_`, then the product)
-draws one Mersenne Twister number per element in a serial kernel. On the reference model (LoRA r16 on all linear
-layers, 4 x 1,024 packed tokens, 2 threads) its `bernoulli_` alone took 10-13% of a training step
-(docs/benchmarks.md); peft draws a fresh mask for each of the 7 adapted projections of every layer. Here each
-64-bit draw of torch's own generator gives four 15-bit uniforms (`random_()` on int64 fills [0, 2^63): 63 random
-bits, the top bit of the fourth 16-bit lane is always 0, so each lane's low 15 bits are used), about 4x fewer draws
-than one per element (bench/dropout_speed.py measures it).
+Why by hand: torch's dropout (`_dropout_impl`: `bernoulli_` on a float tensor, `div_`, then the product) draws one
+Mersenne Twister number per element in a serial kernel. On the reference model (LoRA r16 on all linear layers,
+4 x 1,024 packed tokens, 2 threads) its `bernoulli_` alone took 10-13% of a training step (docs/benchmarks.md), and
+peft draws a fresh mask for each of the 7 adapted projections of every layer. LoRA's rate is small (0.05 by
+default), so this draws only the dropped elements: the gaps between successive dropped elements of the flattened
+tensor are independent geometric variables, G = floor(log(V) / log(1 - p)) with V uniform on (0, 1] (float32 draws
+of torch's CPU generator: one 32-bit draw each, against two for float64), and the positions are their running sum. That is about p * n draws for n elements
+instead of n (torch) or n / 4 (the 15-bit lanes this module drew before), and the positions replace the mask: the
+fused LoRA update (methods/lora_forward.py) keeps them (int32, 4p bytes per element: 0.2 at p = 0.05, against 1 for
+a bool mask) and zeroes them with `index_fill`, a pass over p * n elements instead of the whole tensor.
 
-Semantics, for an element x and rate p:
-    p'  = round(p * 2^15) / 2^15          (|p' - p| <= 2^-16; p = 0.05 gives 0.0499878)
-    out = 0 with probability p', else x / (1 - p'), each element independently
-so the expectation is exactly x, as with torch's dropout. The generator is torch's default CPU generator: a seeded
-run is reproducible, and activation checkpointing (which restores the CPU RNG state before recomputing) replays the
-same mask. What autograd keeps through `forward` is what torch's CPU dropout keeps (the fp32 scaled mask); the fused
-LoRA update (methods/lora_forward.py) takes `keep_mask` instead and keeps the bool mask alone.
-Tensors on other devices go through `F.dropout` (CUDA's is one fused kernel).
+Semantics, for an element x and rate p (0 < p < 1):
+    out = 0 with probability p, else x / (1 - p), each element independently
+up to float32 resolution (V is a multiple of 2^-24, so each gap's cumulative probabilities are off by at most
+2^-24 ~ 6e-8, and a gap longer than log(2^-24) / log(1 - p) is never drawn: probability 6e-8), so the expectation is
+x / (1 - p) * (1 - p) = x, as with torch's dropout. The generator
+is torch's default CPU generator, on every device (the positions move to the tensor's device): a seeded run is
+reproducible, and activation checkpointing (which restores the CPU RNG state before recomputing) replays the same
+draws. What autograd keeps through `forward` is what torch's CPU dropout keeps (the fp32 scaled mask); the fused
+LoRA update keeps the positions alone.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-LANE_BITS = 15
-LANE_MASK = (1 << LANE_BITS) - 1
+MARGIN_SDS = 8  # draws beyond the expected count, in standard deviations (another batch is drawn if short)
 
 
-def as_float_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool mask as 0/1 in `dtype`. Through a uint8 view: torch's CPU cast from bool is not vectorized (measured,
-    (4,024 x 576), 2 threads: 0.86 ms from bool, 0.13 ms from the same bytes as uint8), and a multiply by a bool
-    tensor casts it that slow way first."""
-    return keep.view(torch.uint8).to(dtype)
+def drop_positions(n: int, p: float) -> torch.Tensor:
+    """Sorted flat indices (int64, CPU) of the elements of an n-element tensor that dropout at rate p drops: each
+    index independently with probability p (module docstring)."""
+    log_keep = math.log1p(-p)
+    expected = n * p
+    batch = int(expected + MARGIN_SDS * math.sqrt(expected) + 16)
+    parts, start = [], 0
+    while True:
+        u = torch.rand(batch, dtype=torch.float32)  # [0, 1) in steps of 2^-24
+        gaps = u.neg_().add_(1).log_().div_(log_keep).floor_().to(torch.int64)  # V = 1 - u in (0, 1], exact
+        positions = gaps.add_(1).cumsum_(0).add_(start - 1)
+        parts.append(positions)
+        last = int(positions[-1])
+        if last >= n:
+            break
+        start = last + 1
+    positions = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return positions[: int(torch.searchsorted(positions, n))]
+
+
+def zero_at(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of `t` with the elements at the flat `positions` set to 0."""
+    return t.reshape(-1).index_fill(0, positions.long(), 0).view(t.shape)
+
+
+def zero_at_(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`t` (contiguous) with the elements at the flat `positions` set to 0, in place."""
+    t.view(-1).index_fill_(0, positions.long(), 0)
+    return t
 
 
 class BulkDropout(nn.Dropout):
-    """nn.Dropout whose CPU mask comes from bulk 64-bit draws (see the module docstring)."""
-
-    def __init__(self, p: float = 0.5):
-        super().__init__(p=p)
-        self.threshold = round(p * (1 << LANE_BITS))  # a lane below it is dropped
-        self.p_effective = self.threshold / (1 << LANE_BITS)
+    """nn.Dropout whose mask is drawn as dropped positions (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.threshold == 0 or x.device.type != "cpu" or not x.is_floating_point():
+        if not self.training or not 0 < self.p < 1 or x.device.type != "cpu" or not x.is_floating_point():
             return F.dropout(x, self.p, self.training)
-        keep, keep_probability = self.keep_mask(x)
-        noise = as_float_mask(keep, x.dtype).mul_(1.0 / keep_probability)
+        positions, keep_probability = self.drops(x)
+        noise = zero_at_(torch.full(x.shape, 1.0 / keep_probability, dtype=x.dtype), positions)
         return x * noise
 
-    def keep_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(the bool mask of the elements of `x` that survive, the probability of surviving). On a CPU the same draws
-        as `forward` makes (p' above), so either use replays the other from the same generator state; elsewhere one
-        `bernoulli_` of 1 - p on the tensor's device."""
+    def drops(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(the flat positions of the elements of `x` that are dropped, on x's device: int32 where they fit, the
+        probability of surviving). The same draws `forward` makes, so either use replays the other from the same
+        generator state."""
+        positions = drop_positions(x.numel(), self.p)
+        if x.numel() <= torch.iinfo(torch.int32).max:
+            positions = positions.to(torch.int32)
         if x.device.type != "cpu":
-            return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - self.p), 1.0 - self.p
-        n = x.numel()
-        words = torch.empty(-(-n // 4), dtype=torch.int64, device=x.device).random_()
-        lanes = words.view(torch.int16).bitwise_and_(LANE_MASK)[:n].view(x.shape)
-        return lanes.ge(self.threshold), 1.0 - self.p_effective
-
-    def extra_repr(self) -> str:
-        return f"p={self.p} (drawn at {self.p_effective:.7f})"
+            positions = positions.to(x.device, non_blocking=x.device.type == "cuda")
+        return positions, 1.0 - self.p
 
 
 def use_bulk_dropout(model: nn.Module) -> int:

@@ -124,7 +124,8 @@ def lora_layer_elements(f: ModelFacts, lo: LoraOptions, fused: bool = True) -> f
 
     fused (methods/lora_forward.py LoraUpdate, plain LoRA):
         frozen core + per input that targets read, once: h (q/k/v), h (gate/up), i (down)
-                    + in/4 per target with dropout (its bool mask, 1 byte)
+                    + p*in per target with dropout at rate p (its dropped positions: int32, 4p bytes per input
+                      element, methods/dropout.py)
                     + r per target (the A output that B saves)
       (o_proj's input, the attention output, is a view of what SDPA keeps; under per-example attention it is a
       copy: `lora_per_example_attention_elements`)
@@ -140,7 +141,7 @@ def lora_layer_elements(f: ModelFacts, lo: LoraOptions, fused: bool = True) -> f
         if (fused or lo.dropout == 0) and any(m.short in group for m in layer0):
             extra += width
     if lo.dropout > 0:
-        extra += sum((m.in_features / 4 if fused else 2 * m.in_features) for m in layer0)
+        extra += sum((lo.dropout * m.in_features if fused else 2 * m.in_features) for m in layer0)
     extra += lo.r * len(layer0)
     return frozen_core_elements(f) + extra
 
@@ -160,7 +161,7 @@ def lora_layer_autocast_bytes(f: ModelFacts, lo: LoraOptions, mask_4d: bool = Tr
         + per input that targets read, once, in its own dtype: the norm outputs in fp32 (4h each for q/k/v and
           gate/up), the MLP product in 16-bit (2i, down), the attention output in 16-bit (2q, o_proj) only under
           per-example attention (`mask_4d` False; else a view of SDPA's output)
-        + per target with dropout: its bool mask (1 * in)
+        + per target with dropout at rate p: its dropped positions (int32: 4p * in)
         + per target: A's 16-bit output that B keeps (2 * r)
     peft's own forward:
         + per target with dropout: its fp32 mask (4 * in) and the 16-bit cast of the dropped input A reads (2 * in)
@@ -179,7 +180,7 @@ def lora_layer_autocast_bytes(f: ModelFacts, lo: LoraOptions, mask_4d: bool = Tr
             kept += (2 if group == ("down_proj",) else 4) * width
     if not mask_4d and any(m.short == "o_proj" for m in layer0):
         kept += 2 * f.num_heads * f.head_dim
-    masks = sum(m.in_features for m in layer0) if lo.dropout > 0 else 0
+    masks = 4 * lo.dropout * sum(m.in_features for m in layer0)
     return core + kept + masks + 2 * lo.r * len(layer0)
 
 

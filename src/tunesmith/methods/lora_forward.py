@@ -10,11 +10,11 @@ and its backward scales only the (tokens, r) and (out, r) gradients. On the refe
 linear layer, 4 x 1,024 tokens, fp32, 2 threads) those element-wise passes took ~0.7 s of a ~21 s step
 (torch.profiler: mul and add over (4, 1,024, 1,536) and (4, 1,024, 576) tensors).
 
-The update runs as one autograd Function (`LoraUpdate`) that keeps the target's input and the dropout's bool mask
-instead of the dropped input and its fp32 noise: the targets reading one input (q/k/v, gate/up) keep it once. On the
-reference model (the same setup, dropout 0.05) the peak RSS of 3 steps fell from 14.4 to 12.1 GB; the step time did
-not change measurably (the dropped input is recomputed in the backward pass). The planner's LoRA terms
-(methods/lora.py) count what it keeps.
+The update runs as one autograd Function (`LoraUpdate`) that keeps the target's input and the dropout's dropped
+positions (methods/dropout.py) instead of the dropped input and its fp32 noise: the targets reading one input
+(q/k/v, gate/up) keep it once. On the reference model (the same setup, dropout 0.05) the peak RSS of 3 steps fell
+from 14.4 to 12.1 GB with a bool mask in place of the positions (the dropped input is recomputed in the backward
+pass). The planner's LoRA terms (methods/lora.py) count what it keeps.
 
 Why by hand: peft has no fused path for it. Taken only in the plain case: one active adapter, no variant (DoRA),
 neither merged nor disabled, no LoRA bias, a plain nn.Linear base without hooks, no extra arguments, and matching
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.methods.dropout import BulkDropout, as_float_mask
+from tunesmith.methods.dropout import BulkDropout, zero_at, zero_at_
 
 
 def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -47,14 +47,14 @@ def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     dropout = self.lora_dropout[adapter]
     scaling = self.scaling[adapter]
     if isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout) and not (dropout.training and dropout.p > 0)):
-        keep = None
-    elif isinstance(dropout, BulkDropout):
-        keep, keep_probability = dropout.keep_mask(rows)
+        drops = None
+    elif isinstance(dropout, BulkDropout) and dropout.p < 1:
+        drops, keep_probability = dropout.drops(rows)
         scaling = scaling / keep_probability
     else:  # another dropout module: its mask is not exposed, so autograd's own ops
         result = _addmm_update(result, dropout(rows), a_weight, b_weight, scaling)
         return result.view(*x.shape[:-1], result.shape[-1])
-    result = LoraUpdate.apply(result, rows, a_weight, b_weight, keep, scaling)
+    result = LoraUpdate.apply(result, rows.contiguous(), a_weight, b_weight, drops, scaling)
     return result.view(*x.shape[:-1], result.shape[-1])
 
 
@@ -69,34 +69,35 @@ def _addmm_update(result: torch.Tensor, dropped: torch.Tensor, a_weight: torch.T
 
 
 class LoraUpdate(torch.autograd.Function):
-    """result += s * ((x * keep) @ A.T) @ B.T in place, with s the LoRA scaling divided by the keep probability
+    """result += s * (drop(x) @ A.T) @ B.T in place, with s the LoRA scaling divided by the keep probability
     (dropout's 1 / (1 - p) folded into the scalar: it multiplies a (tokens, r) product instead of a (tokens, in)
-    tensor) and keep the dropout's bool mask (None: no dropout).
+    tensor) and drop(x) the input with the dropout's dropped positions zeroed (`drops`, flat indices into x;
+    None: no dropout).
 
     Why by hand: autograd through `x * noise` and `F.linear` keeps, per target, the dropped input and the fp32
     noise (8 bytes per input element; under autocast the 16-bit cast of the dropped input and the noise, 6). This
     Function keeps the input itself (one tensor for the targets that read it: q/k/v read the same norm output,
-    gate/up the other) and the bool mask (1 byte per element), and recomputes the dropped input in the backward
-    pass for A's gradient. A's gradient is computed as (x.T @ g_update).T, the (in, tokens) @ (tokens, r) product
+    gate/up the other) and the dropped positions (int32, 4p bytes per input element), and recomputes the dropped
+    input in the backward pass for A's gradient; the input's gradient is zeroed at the positions in place. A's gradient is computed as (x.T @ g_update).T, the (in, tokens) @ (tokens, r) product
     BLAS runs ~1.6x faster on a CPU than (r, tokens) @ (tokens, in) at r = 16 (torch.profiler on the reference
     model). Under autocast the matmuls run in the base output's dtype, with the casts autocast would make.
     """
 
     @staticmethod
-    def forward(ctx, result, rows, a_weight, b_weight, keep, scaling):
+    def forward(ctx, result, rows, a_weight, b_weight, drops, scaling):
         dtype = result.dtype  # the autocast dtype under autocast (the base matmul's output), else the weights'
         with torch.autocast(rows.device.type, enabled=False):
-            dropped = rows if keep is None else rows * as_float_mask(keep, rows.dtype)
+            dropped = rows if drops is None else zero_at(rows, drops)
             update = dropped.to(dtype) @ a_weight.to(dtype).t()  # (tokens, r)
             result.addmm_(update, b_weight.to(dtype).t(), alpha=scaling)
         ctx.mark_dirty(result)
-        ctx.save_for_backward(rows, keep, a_weight, b_weight, update)
+        ctx.save_for_backward(rows, drops, a_weight, b_weight, update)
         ctx.scaling = scaling
         return result
 
     @staticmethod
     def backward(ctx, grad):
-        rows, keep, a_weight, b_weight, update = ctx.saved_tensors
+        rows, drops, a_weight, b_weight, update = ctx.saved_tensors
         _, need_rows, need_a, need_b, _, _ = ctx.needs_input_grad
         dtype = update.dtype
         grad = grad.to(dtype)
@@ -106,14 +107,13 @@ class LoraUpdate(torch.autograd.Function):
                 grad_b = (grad.t() @ update).mul_(ctx.scaling).to(b_weight.dtype)  # (out, r)
             if need_rows or need_a:
                 grad_update = (grad @ b_weight.to(dtype)).mul_(ctx.scaling)  # (tokens, r)
-                mask = None if keep is None else as_float_mask(keep, rows.dtype)  # one cast for both uses
             if need_a:
-                dropped = rows if mask is None else rows * mask
+                dropped = rows if drops is None else zero_at(rows, drops)
                 grad_a = (dropped.to(dtype).t() @ grad_update).t().to(a_weight.dtype)  # (r, in)
             if need_rows:
-                grad_rows = (grad_update @ a_weight.to(dtype)).to(rows.dtype)  # (tokens, in)
-                if mask is not None:  # exact 0/1: the same whether applied before or after the cast
-                    grad_rows.mul_(mask)
+                grad_rows = (grad_update @ a_weight.to(dtype)).to(rows.dtype)  # (tokens, in), contiguous
+                if drops is not None:
+                    zero_at_(grad_rows, drops)
         return grad, grad_rows, grad_a, grad_b, None, None
 
 

@@ -13,7 +13,7 @@ tests/plan/test_plan_memory.py re-measures them on a tiny model (within 8%). Ele
       + h   if a LoRA target reads the attention norm output (q/k/v), once
       + h   ... the MLP norm output (gate/up);  + i  ... the MLP product (down)
       + q   ... the attention output (o_proj), under per-example attention only (else a view of SDPA's output)
-      + in/4  per LoRA target with dropout (its bool mask)
+      + p*in  per LoRA target with dropout at rate p (its dropped positions, int32)
       + r   per LoRA target (the A output that B saves)
       QLoRA (peft's own forward): the groups' inputs only for targets without dropout, + 2*in per target with
       dropout (the dropped input and its mask, both at activation width), + r per target, and + 2h + i always
@@ -32,7 +32,7 @@ heads before SDPA: packing and prefixes):
     frozen core:    4 (2h + a + 2) + 2 (3i + 2q + 2kv)   norms (input, rsqrt), log-sum-exp fp32; MLP/attention bf16
     full:           4 (4h + a + 2) + 2 (5h + 4i + 2q + 2kv)   every matmul keeps its own bf16 cast of its input
     LoRA:           core + each input its targets read, once, in its dtype (4h q/k/v, 4h gate/up, 2i down,
-                    2q o_proj under per-example attention) + per target with dropout its bool mask (in) + 2r
+                    2q o_proj under per-example attention) + per target with dropout its dropped positions (4p*in) + 2r
     QLoRA:          core + per target 6 in (dropout: fp32 mask + bf16 cast; without dropout 2 in: A's own cast,
                     not shared between targets as in fp32) + 2r
                     + 2 x 3i (bitsandbytes returns fp32, so gate/silu/up stay fp32; nothing else kept)
