@@ -19,8 +19,8 @@ Peak (one micro-batch, gradients set to None after each step, as tunesmith's loo
     peak = weights + trainable + master + optimizer + overhead
            + max(activations + head gradient,   # start of backward: all saved tensors + first gradients
                  gradients + step temporaries)  # optimizer step: all gradients + AdamW scratch
-           (CPU: + the saved activations in the step branch, whose freed heap glibc keeps resident,
-            + allocator retention = ALLOCATOR_RETENTION x the forward pass's layer allocations, fitted)
+           (CPU: under 16-bit autocast + the saved activations in the step branch, whose freed heap glibc keeps
+            resident; + allocator retention = a fitted share (retention_share) of the forward pass's layer allocations)
 With gradient accumulation the gradients live through the next forward pass, so they are added instead.
 """
 
@@ -54,6 +54,10 @@ OVERHEAD_BYTES = {"cuda": int(1.0 * GiB), "cpu": 525 * 1024**2}
 # in one forward pass (`forward_layer_bytes`; measured 0.13-0.66 of it). FITTED (not derived) on other shapes than
 # the reported ones: docs/benchmarks.md, "Memory estimate", fit set.
 ALLOCATOR_RETENTION = {"cuda": 0.0, "cpu": 0.4}
+# fp32 compute (CPUs without native bf16, where `precision: auto` trains in fp32) with gradient checkpointing: the
+# fit set's checkpointed runs on such a CPU (the EPYC, 2026-12-02) needed 0.34-0.61 of the forward pass's layer
+# allocations; 0.44 minimises the worst error over them (-4.1..+4.3%; 0.4 gave -5.1..+2.5%). FITTED, like the above.
+CPU_FP32_CHECKPOINT_RETENTION = 0.44
 # Measured, not modelled: the same checkpointed config peaked up to ~25% apart from run to run on a CPU (bf16 autocast;
 # glibc heap fragmentation over identical live tensors: docs/benchmarks.md, "Memory estimate").
 CPU_CHECKPOINT_SPREAD = ("the real peak varies from run to run (measured up to ~25% below this figure in some runs, "
@@ -156,10 +160,14 @@ def estimate_memory(f: ModelFacts, method: MethodConfig, setup: TrainSetup) -> M
     step_temp = 0 if setup.device == "cuda" else largest_trainable * 4 * 2
     overhead = OVERHEAD_BYTES[setup.device]
     persistent = frozen.bytes + trainable + master + optimizer + overhead
-    # CPU: the freed activation heap stays resident through the optimizer step (glibc does not return it), and a
-    # fitted share of the forward pass's layer allocations is lost to retention/fragmentation on top.
-    retained = act.saved_bytes if setup.device == "cpu" else 0
-    retention = int(ALLOCATOR_RETENTION[setup.device] * act.forward_layer_bytes)
+    # CPU: a fitted share of the forward pass's layer allocations is lost to retention/fragmentation on top. Under
+    # bf16 autocast the freed activation heap also stays resident through the optimizer step (glibc does not return
+    # it; full fine-tuning on the Xeon matched only with it). In fp32 it does not: the fit set's full fine-tuning runs
+    # on the EPYC were over-estimated by +5.4..+13.4% with it and are within -5.2..-1.6% without it. A likely cause
+    # (not verified): fp32 weight gradients are carved from the freed fp32 activation chunks of similar sizes, where
+    # under autocast those chunks are bf16, half the size, and interleaved with the kept weight casts.
+    retained = act.saved_bytes if setup.device == "cpu" and autocast else 0
+    retention = int(retention_share(setup.device, autocast, setup.gradient_checkpointing) * act.forward_layer_bytes)
     if setup.device == "cpu" and setup.gradient_checkpointing:
         notes.append(f"CPU + gradient checkpointing: {CPU_CHECKPOINT_SPREAD}")
     if setup.gradient_accumulation_steps > 1:
@@ -174,6 +182,13 @@ def estimate_memory(f: ModelFacts, method: MethodConfig, setup: TrainSetup) -> M
         quant_constant_bits_per_param=frozen.quant_constant_bits_per_param, notes=notes, head_gradient=int(head_grad),
         gradient_accumulation_steps=setup.gradient_accumulation_steps, allocator_retention=retention,
     )
+
+
+def retention_share(device: str, autocast: bool, gradient_checkpointing: bool) -> float:
+    """The fitted share of the forward pass's layer allocations that the allocator keeps on top of live tensors."""
+    if device == "cpu" and gradient_checkpointing and not autocast:
+        return CPU_FP32_CHECKPOINT_RETENTION
+    return ALLOCATOR_RETENTION[device]
 
 
 def gpus_needed(est: MemoryEstimate, gpu_memory_bytes: int, sharded: bool, usable_fraction: float = 0.92) -> int | None:

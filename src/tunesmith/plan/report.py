@@ -19,7 +19,7 @@ from tunesmith.errors import UsageError
 from tunesmith.methods.registry import all_methods, get_method
 from tunesmith.models.facts import ModelFacts, model_facts
 from tunesmith.plan.advice import decide, hyperparameters
-from tunesmith.plan.memory import ALLOCATOR_RETENTION, CPU_CHECKPOINT_SPREAD, OVERHEAD_BYTES, GiB, gpus_needed
+from tunesmith.plan.memory import CPU_CHECKPOINT_SPREAD, OVERHEAD_BYTES, GiB, gpus_needed, retention_share
 from tunesmith.plan.solve import USABLE_FRACTION, Budget, Knobs, Start, evaluate, launch_line, solve, train_dtypes
 from tunesmith.records.plan import MethodPlan, PlanReport
 
@@ -106,6 +106,17 @@ def precision_assumption(device: str, precision: str = "auto", model_dtype: str 
     return f"{weights} weights and activations"
 
 
+def cpu_heap_assumption(start: Start) -> str:
+    """What the CPU peak adds for glibc's heap (plan/memory.py: fitted shares, by precision and checkpointing)."""
+    autocast = train_dtypes("cpu", start.precision, start.model_dtype) == ("fp32", "bf16")
+    plain, ckpt = (retention_share("cpu", autocast, c) for c in (False, True))
+    kept = "the freed activation heap kept through the optimizer step + " if autocast else ""
+    shares = f"{plain:.0%}" + (f" ({ckpt:.0%} with checkpointing)" if ckpt != plain else "")
+    return (f"; CPU (whole-process RSS, glibc malloc): + {kept}{shares} of the forward pass's layer allocations "
+            f"(heap retention, fitted on other shapes than those docs/benchmarks.md reports); with checkpointing "
+            f"{CPU_CHECKPOINT_SPREAD}")
+
+
 def assumptions(req: PlanRequest, start: Start, data: dict | None) -> list[str]:
     where = (f"CPU ({precision_assumption('cpu', start.precision, start.model_dtype)})" if req.device == "cpu"
              else f"{req.gpus} GPU(s) of {req.gpu_memory_bytes / GiB:g} GiB, bf16 weights and activations")
@@ -128,9 +139,7 @@ def assumptions(req: PlanRequest, start: Start, data: dict | None) -> list[str]:
         "head and loss run in chunks of up to 512 positions, no logits-sized buffers (models whose config rescales or caps "
         "the logits after the head keep whole logits)",
         "peak = persistent state + max(activations at the start of backward, gradients at the optimizer step); with accumulation the gradients are added"
-        + ("; CPU (whole-process RSS, glibc malloc): + the freed activation heap kept through the optimizer step + "
-           f"{ALLOCATOR_RETENTION['cpu']:.0%} of the forward pass's layer allocations (heap retention, fitted on other shapes "
-           f"than those docs/benchmarks.md reports); with checkpointing {CPU_CHECKPOINT_SPREAD}" if req.device == "cpu" else ""),
+        + (cpu_heap_assumption(start) if req.device == "cpu" else ""),
         "sharded = FSDP2 full sharding (train.sharding=fsdp, launched with torchrun; parameters, gradients, optimizer / N, "
         "+ two unsharded layers; prompt learning is not sharded); replicated = data parallel; QLoRA under FSDP2 is not tested by tunesmith",
         "learning rate not scaled: the effective batch is kept constant by gradient accumulation",
