@@ -195,6 +195,45 @@ def test_checkpointing_cuts_activations():
     assert prompt.logits_bytes == 4 * (2048 + 20) * 128256 * 14  # full-logits path: every position, always
 
 
+def _status_bytes(name: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(name))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_full_logits_path_holds_three_fp32_copies(batch):
+    """The planner's full-logits term in fp32 (3 x 4 bytes per logit) against the peak RSS of the trainer's own loss
+    path (prompt tuning: align_logits, then causal_lm_loss_sum) on a frozen head. Each (batch, seq, vocab) buffer is
+    >= 200 MiB, which glibc always maps on its own (its mmap threshold is at most 32 MiB), so the peak RSS above the
+    start counts the buffers resident at once: measured 2.8-3.0 copies (batch 2 makes a shifted copy in the forward
+    pass, beside the logits and the log-softmax output: still 3)."""
+    from pathlib import Path
+
+    from tunesmith.methods.registry import get_method
+    from tunesmith.train.loop import causal_lm_loss_sum
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
+    facts = model_facts("HuggingFaceTB/SmolLM2-135M-Instruct")
+    seq, virtual = 512, 20
+    planned = activation_estimate(facts, MethodConfig(name="prompt", prompt={"num_virtual_tokens": virtual}), batch,
+                                  seq, 4, False)
+    unit = batch * (seq + virtual) * facts.vocab_size * 4  # one fp32 (batch, seq + virtual, vocab) buffer
+    assert planned.seq_effective == seq + virtual and planned.logits_bytes == 3 * unit
+    generator = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(64, facts.vocab_size, bias=False).requires_grad_(False)
+    hidden = torch.randn(batch, seq + virtual, 64, generator=generator, requires_grad=True)
+    labels = torch.randint(0, facts.vocab_size, (batch, seq), generator=generator)
+    labels[:, : seq // 3] = -100
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # the peak RSS starts again from the current RSS
+    start = _status_bytes("VmRSS")
+    loss, _ = causal_lm_loss_sum(get_method("prompt").align_logits(head(hidden), labels), labels)
+    loss.backward()
+    copies = (_status_bytes("VmHWM") - start) / unit
+    assert abs(copies - 3) <= 0.3, copies
+
+
 AUTOCAST_CASES = [
     ("full", {}, False),
     ("lora", {"lora": {"r": 8, "target_modules": "all-linear"}}, False),

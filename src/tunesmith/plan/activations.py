@@ -54,8 +54,12 @@ guesses it from the config: models/head.py `config_returns_head_output`), the tr
 instead, and none of those buffers exists: what it holds at the end of the forward pass is the hidden states'
 gradient (N x d, fp32) and one chunk's buffers (models/head.py `fused_head_bytes`).
 Methods that re-align the logits (prompt tuning prepends virtual positions: `Method.selective_logits` is False)
-take the full path: (batch, seq, vocab) in fp32 held 4 times (the logits, the saved log-softmax output, its
-gradient, the logits' gradient; measured by RSS on the reference model), + 2 bytes of 16-bit logits.
+take the full path: (batch, seq, vocab) in fp32 held 3 times at once (in the backward pass the saved log-softmax
+output, its gradient and the logits' gradient; in the forward pass the logits, their shifted copy when a batch of
+several rows makes the slice non-contiguous, and the log-softmax output), + 2 bytes of the 16-bit logits under
+16-bit compute. Measured by peak RSS (tests/plan/test_plan_memory.py::test_full_logits_path_holds_three_fp32_copies:
+2.8-3.0 copies in fp32; the 4 copies assumed before 2026-12-02 counted the fp32 logits beside their own no-op
+`.float()` cast).
 Attention: SDPA (or flash attention) keeps no seq x seq score matrix, only the log-sum-exp per head and token.
 Packing (every method that supports it) feeds SDPA an additive 4-D block-diagonal mask, (batch, 1, seq, seq) in
 the compute dtype, which autograd keeps once for all layers (measured with saved_tensors_hooks: ~1-1.25 x that).
@@ -158,6 +162,6 @@ def activation_estimate(
         else:
             logits = labelled * f.vocab_size * (3 * 4 + (act_bytes if act_bytes < 4 else 0))
     else:
-        logits = tokens * f.vocab_size * (4 * 4 if act_bytes == 4 else 3 * 4 + act_bytes)
+        logits = tokens * f.vocab_size * (3 * 4 + (act_bytes if act_bytes < 4 else 0))
     casts = 2 * owner.autocast_weight_casts(f, method, gradient_checkpointing) if autocast else 0
     return ActivationEstimate(per_layer, int(saved), int(logits), recompute, seq, casts, int(f.num_layers * layer_bytes))
