@@ -38,6 +38,7 @@ from tunesmith.data.pack import Pack, collate, epoch_order
 from tunesmith.data.render import IGNORE_INDEX
 from tunesmith.methods.base import Method
 from tunesmith.models.attention import SEGMENT_ATTENTION, model_config, segment_attention
+from tunesmith.models.fused_ops import fused_norm_and_rotary
 from tunesmith.models.hardware import autocast_dtype
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import sharding
@@ -316,8 +317,11 @@ class _Run:
 
 def train(model, ctx: LoopContext, train_packs: list[Pack], val_packs: list[Pack], resume: bool = False) -> TrainState:
     """Run the optimisation; returns the final state (best checkpoint loaded when configured). With
-    `ctx.segment_attention` the model runs on per-example attention while it trains (models/attention.py)."""
-    with segment_attention(model) if ctx.segment_attention else contextlib.nullcontext():
+    `ctx.segment_attention` the model runs on per-example attention while it trains (models/attention.py); on a CPU
+    its Llama-formula norms and rotary embedding run in fewer memory passes (models/fused_ops.py)."""
+    cpu = ctx.accelerator.device.type == "cpu"
+    with segment_attention(model) if ctx.segment_attention else contextlib.nullcontext(), \
+            fused_norm_and_rotary(model) if cpu else contextlib.nullcontext():
         return _train(model, ctx, train_packs, val_packs, resume)
 
 
