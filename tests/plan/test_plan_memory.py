@@ -204,7 +204,7 @@ def _status_bytes(name: str) -> int:
 def test_full_logits_path_holds_three_fp32_copies(batch):
     """The planner's full-logits term in fp32 (3 x 4 bytes per logit) against the peak RSS of the trainer's own loss
     path (prompt tuning: align_logits, then causal_lm_loss_sum) on a frozen head. Each (batch, seq, vocab) buffer is
-    >= 200 MiB, which glibc always maps on its own (its mmap threshold is at most 32 MiB), so the peak RSS above the
+    >= 100 MiB, which glibc always maps on its own (its mmap threshold is at most 32 MiB), so the peak RSS above the
     start counts the buffers resident at once: measured 2.8-3.0 copies (batch 2 makes a shifted copy in the forward
     pass, beside the logits and the log-softmax output: still 3)."""
     from pathlib import Path

@@ -317,8 +317,8 @@ class _Run:
 
 def train(model, ctx: LoopContext, train_packs: list[Pack], val_packs: list[Pack], resume: bool = False) -> TrainState:
     """Run the optimisation; returns the final state (best checkpoint loaded when configured). With
-    `ctx.segment_attention` the model runs on per-example attention while it trains (models/attention.py); on a CPU
-    its Llama-formula norms and rotary embedding run in fewer memory passes (models/fused_ops.py)."""
+    `ctx.segment_attention` the model runs on per-example attention while it trains (models/attention.py); in fp32
+    on a CPU its Llama-formula norms and rotary embedding run in fewer memory passes (models/fused_ops.py)."""
     cpu = ctx.accelerator.device.type == "cpu"
     with segment_attention(model) if ctx.segment_attention else contextlib.nullcontext(), \
             fused_norm_and_rotary(model) if cpu else contextlib.nullcontext():
