@@ -405,10 +405,12 @@ def get_method_bytes(facts, method, mask_4d: bool = True) -> float:
     return get_method(method.name).layer_autocast_bytes(facts, method, mask_4d=mask_4d)
 
 
-def test_cpu_fp32_step_branch_keeps_no_activation_heap_and_checkpointing_has_its_own_share():
+def test_cpu_fp32_step_branch_keeps_no_activation_heap_and_shares_by_method_and_checkpointing():
     """fp32 compute on a CPU (no native bf16): the optimizer-step branch is gradients + AdamW's scratch only (the
-    fit set's fp32 full fine-tuning peaks match without the freed activation heap); fp32 runs take their own fitted
-    shares of the forward pass's layer allocations, with and without checkpointing. Under autocast neither changes."""
+    fit set's fp32 full fine-tuning peaks match without the freed activation heap); fp32 runs without checkpointing
+    take their method's own fitted share of the forward pass's layer allocations (the pooled share for a method that
+    states none), checkpointed runs one share. Under autocast none of this changes."""
+    from tunesmith.methods.registry import all_methods, get_method, register_method, unregister_method
     from tunesmith.plan.memory import (
         ALLOCATOR_RETENTION,
         CPU_FP32_CHECKPOINT_RETENTION,
@@ -421,18 +423,35 @@ def test_cpu_fp32_step_branch_keeps_no_activation_heap_and_checkpointing_has_its
     fp32 = dict(weight_dtype="fp32", compute_dtype="fp32", device="cpu")
     est = estimate_memory(facts, full, TrainSetup(batch_size=1, seq_len=256, **fp32))
     act = activation_estimate(facts, full, 1, 256, 4, False, segment_attention=True, fused_head=True)
-    assert est.allocator_retention == int(CPU_FP32_RETENTION * act.forward_layer_bytes) > 0
+    share = get_method("full").cpu_fp32_heap_share
+    assert est.allocator_retention == int(share * act.forward_layer_bytes) > 0
     persistent = est.weights + est.trainable + est.optimizer + est.overhead
     step = est.gradients + est.step_temporaries
     assert step > est.activations + est.head_gradient  # this shape peaks at the step: the branch that changed
     assert est.total == persistent + step + est.allocator_retention
-    # fp32: its own shares, with and without checkpointing; autocast keeps the Xeon's
-    assert retention_share("cpu", False, True) == CPU_FP32_CHECKPOINT_RETENTION != ALLOCATOR_RETENTION["cpu"]
+    # every built-in method states its own fp32 share; they differ (adapters keep the most heap, LoRA little)
+    shares = {m.name: m.cpu_fp32_heap_share for m in all_methods()}
+    assert all(0 < v < 1 for v in shares.values()), shares
+    assert shares["adapters"] > 2 * shares["lora"]
+    # fp32 with checkpointing: one share for all; autocast keeps the Xeon's, whatever the method
+    assert retention_share("cpu", False, True, 0.9) == CPU_FP32_CHECKPOINT_RETENTION != ALLOCATOR_RETENTION["cpu"]
+    assert retention_share("cpu", False, False, 0.9) == 0.9
     assert retention_share("cpu", False, False) == CPU_FP32_RETENTION != ALLOCATOR_RETENTION["cpu"]
-    assert retention_share("cpu", True, True) == retention_share("cpu", True, False) == ALLOCATOR_RETENTION["cpu"]
-    assert retention_share("cuda", False, True) == 0.0
+    assert retention_share("cpu", True, True, 0.9) == retention_share("cpu", True, False, 0.9) == ALLOCATOR_RETENTION["cpu"]
+    assert retention_share("cuda", False, True) == retention_share("cuda", False, False, 0.9) == 0.0
     lora = MethodConfig(name="lora")
     ck = estimate_memory(facts, lora, TrainSetup(batch_size=1, seq_len=256, gradient_checkpointing=True, **fp32))
     ck_act = activation_estimate(facts, lora, 1, 256, 4, True, segment_attention=True, fused_head=True)
     assert ck.allocator_retention == int(CPU_FP32_CHECKPOINT_RETENTION * ck_act.forward_layer_bytes) > 0
+    # a method that states no share gets the pooled one
+    import copy
 
+    plain = copy.copy(get_method("lora"))
+    plain.name, plain.cpu_fp32_heap_share = "lora-pooled-share", None
+    register_method(plain)
+    try:
+        pooled = estimate_memory(facts, MethodConfig(name="lora-pooled-share"), TrainSetup(batch_size=1, seq_len=256, **fp32))
+    finally:
+        unregister_method("lora-pooled-share")
+    lora_act = activation_estimate(facts, lora, 1, 256, 4, False, segment_attention=True, fused_head=True)
+    assert pooled.allocator_retention == int(CPU_FP32_RETENTION * lora_act.forward_layer_bytes)

@@ -107,6 +107,11 @@ class Method:
     # True when the method trains the base weights themselves (full fine-tuning): they train in their own dtype, the
     # output layer's gradient appears while every activation lives, and AdamW's CPU step touches the largest tensor.
     trains_base_weights: bool = False
+    # fp32 training on a CPU: the share of the forward pass's layer allocations that glibc's heap keeps resident on
+    # top of the live tensors (plan/memory.py retention_share). It depends on the method's pattern of allocations, so
+    # each method states its own, FITTED on the fit set (docs/benchmarks.md, "Memory estimate"); None: the pooled
+    # share (plan/memory.py CPU_FP32_RETENTION).
+    cpu_fp32_heap_share: float | None = None
     uses_lora_rank: bool = False  # the planner's --rank/--targets apply (LoRA, QLoRA)
     uses_virtual_tokens: bool = False  # the planner's --virtual-tokens applies (prefix, prompt)
     can_merge: bool = False

@@ -219,6 +219,7 @@ def peft_lora_model(model: nn.Module, config: MethodConfig) -> nn.Module:
 
 class LoraMethod(Method):
     name = "lora"
+    cpu_fp32_heap_share = 0.17  # fitted (methods/base.py)
     description = "low-rank adapters on the base weights (16-bit base)"
     options = (OptionsSection("lora", LoraOptions, "LoRA (and QLoRA) options."),)
     plan_preference = 0

@@ -67,6 +67,7 @@ def prefix_trainable_params(facts: ModelFacts, num_virtual_tokens: int, projecti
 
 class PrefixMethod(PromptLearningMethod):
     name = "prefix"
+    cpu_fp32_heap_share = 0.16  # fitted (methods/base.py)
     description = "trained key/value vectors at every layer (tiny; no gradient checkpointing, no packing)"
     options = (OptionsSection("prefix", PrefixOptions, "Prefix-tuning options."),)
     plan_preference = 4

@@ -39,6 +39,7 @@ def prompt_trainable_params(facts: ModelFacts, num_virtual_tokens: int) -> int:
 
 class PromptMethod(PromptLearningMethod):
     name = "prompt"
+    cpu_fp32_heap_share = 0.16  # fitted (methods/base.py)
     description = "a trained soft prompt at the input (the fewest parameters; many cheap task variants)"
     options = (OptionsSection("prompt", PromptOptions, "Prompt-tuning options."),)
     plan_preference = 5

@@ -128,6 +128,7 @@ def release_checkpoint_mapping(model: nn.Module) -> None:
 
 class QLoraMethod(LoraMethod):
     name = "qlora"
+    cpu_fp32_heap_share = 0.23  # fitted (methods/base.py)
     description = "LoRA on a 4-bit NF4 base (less memory, slower, quantization error)"
     options = (OptionsSection("quant", QuantOptions, "QLoRA quantization options."),)  # + LoRA's own section
     plan_preference = 1

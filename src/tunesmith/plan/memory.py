@@ -20,7 +20,8 @@ Peak (one micro-batch, gradients set to None after each step, as tunesmith's loo
            + max(activations + head gradient,   # start of backward: all saved tensors + first gradients
                  gradients + step temporaries)  # optimizer step: all gradients + AdamW scratch
            (CPU: under 16-bit autocast + the saved activations in the step branch, whose freed heap glibc keeps
-            resident; + allocator retention = a fitted share (retention_share) of the forward pass's layer allocations)
+            resident; + allocator retention = a fitted share (retention_share; in fp32 by method) of the forward pass's
+            layer allocations)
 With gradient accumulation the gradients live through the next forward pass, so they are added instead.
 """
 
@@ -55,11 +56,15 @@ OVERHEAD_BYTES = {"cuda": int(1.0 * GiB), "cpu": 525 * 1024**2}
 # the reported ones: docs/benchmarks.md, "Memory estimate", fit set.
 ALLOCATOR_RETENTION = {"cuda": 0.0, "cpu": 0.4}
 # fp32 compute (CPUs without native bf16, where `precision: auto` trains in fp32, with models/fused_ops.py's norm and
-# rotary Functions, which make fewer temporaries and so leave less heap): refitted on the 12-layer fit set on such a
-# CPU (the EPYC, 2026-12-02, trainer 892a374), each share minimising the worst error over its runs: 0.31 without
-# checkpointing (13 runs, -6.5..+6.5%), 0.38 with it (3 runs, -0.9..+0.9%). FITTED, like the above.
-CPU_FP32_RETENTION = 0.31
-CPU_FP32_CHECKPOINT_RETENTION = 0.38
+# rotary Functions). How much heap stays resident depends on the method's pattern of allocations, not only on what
+# it keeps: RSS after one forward pass minus the saved tensors, per token, was 0.65 MiB for bottleneck adapters
+# against 0.22 for LoRA and 0.19 for full fine-tuning on the reference model (2 x 1,024 tokens, docs/benchmarks.md).
+# So each method states its own fitted share (`Method.cpu_fp32_heap_share`); CPU_FP32_RETENTION is the pooled share
+# for a method that states none. Fitted on the fit set on such a CPU (the EPYC, 2026-12-02, trainer 892a374: the
+# 12-layer model at 256/512/1,024 tokens and the reference model at 512 tokens, micro-batches 1 and 2; 30 runs
+# without checkpointing, 4 with), each share minimising the worst error over its runs. FITTED, like the above.
+CPU_FP32_RETENTION = 0.32
+CPU_FP32_CHECKPOINT_RETENTION = 0.37
 # Measured, not modelled: the same checkpointed config peaked up to ~25% apart from run to run on a CPU (bf16 autocast;
 # glibc heap fragmentation over identical live tensors: docs/benchmarks.md, "Memory estimate").
 CPU_CHECKPOINT_SPREAD = ("the real peak varies from run to run (measured up to ~25% below this figure in some runs, "
@@ -169,7 +174,8 @@ def estimate_memory(f: ModelFacts, method: MethodConfig, setup: TrainSetup) -> M
     # (not verified): fp32 weight gradients are carved from the freed fp32 activation chunks of similar sizes, where
     # under autocast those chunks are bf16, half the size, and interleaved with the kept weight casts.
     retained = act.saved_bytes if setup.device == "cpu" and autocast else 0
-    retention = int(retention_share(setup.device, autocast, setup.gradient_checkpointing) * act.forward_layer_bytes)
+    retention = int(retention_share(setup.device, autocast, setup.gradient_checkpointing, owner.cpu_fp32_heap_share)
+                    * act.forward_layer_bytes)
     if setup.device == "cpu" and setup.gradient_checkpointing:
         notes.append(f"CPU + gradient checkpointing: {CPU_CHECKPOINT_SPREAD}")
     if setup.gradient_accumulation_steps > 1:
@@ -186,10 +192,14 @@ def estimate_memory(f: ModelFacts, method: MethodConfig, setup: TrainSetup) -> M
     )
 
 
-def retention_share(device: str, autocast: bool, gradient_checkpointing: bool) -> float:
-    """The fitted share of the forward pass's layer allocations that the allocator keeps on top of live tensors."""
+def retention_share(device: str, autocast: bool, gradient_checkpointing: bool, method_share: float | None = None) -> float:
+    """The fitted share of the forward pass's layer allocations that the allocator keeps on top of live tensors;
+    `method_share`: the method's own fp32 share (`Method.cpu_fp32_heap_share`), used for fp32 runs without
+    checkpointing (the checkpointed share was fitted on LoRA alone)."""
     if device == "cpu" and not autocast:
-        return CPU_FP32_CHECKPOINT_RETENTION if gradient_checkpointing else CPU_FP32_RETENTION
+        if gradient_checkpointing:
+            return CPU_FP32_CHECKPOINT_RETENTION
+        return CPU_FP32_RETENTION if method_share is None else method_share
     return ALLOCATOR_RETENTION[device]
 
 

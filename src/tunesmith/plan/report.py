@@ -107,11 +107,18 @@ def precision_assumption(device: str, precision: str = "auto", model_dtype: str 
 
 
 def cpu_heap_assumption(start: Start) -> str:
-    """What the CPU peak adds for glibc's heap (plan/memory.py: fitted shares, by precision and checkpointing)."""
+    """What the CPU peak adds for glibc's heap (plan/memory.py: fitted shares, by precision, checkpointing and, in
+    fp32, by method)."""
     autocast = train_dtypes("cpu", start.precision, start.model_dtype) == ("fp32", "bf16")
-    plain, ckpt = (retention_share("cpu", autocast, c) for c in (False, True))
     kept = "the freed activation heap kept through the optimizer step + " if autocast else ""
-    shares = f"{plain:.0%}" + (f" ({ckpt:.0%} with checkpointing)" if ckpt != plain else "")
+    ckpt = retention_share("cpu", autocast, True)
+    if autocast:
+        plain = retention_share("cpu", autocast, False)
+        shares = f"{plain:.0%}" + (f" ({ckpt:.0%} with checkpointing)" if ckpt != plain else "")
+    else:
+        per_method = ", ".join(f"{m.name} {retention_share('cpu', False, False, m.cpu_fp32_heap_share):.0%}"
+                               for m in all_methods())
+        shares = f"a share by method ({per_method}; {ckpt:.0%} with checkpointing)"
     return (f"; CPU (whole-process RSS, glibc malloc): + {kept}{shares} of the forward pass's layer allocations "
             f"(heap retention, fitted on other shapes than those docs/benchmarks.md reports); with checkpointing "
             f"{CPU_CHECKPOINT_SPREAD}")

@@ -83,6 +83,7 @@ def adapter_settings(model: nn.Module, config: MethodConfig) -> dict[str, Any]:
 
 class BottleneckAdapterMethod(Method):
     name = "adapters"
+    cpu_fp32_heap_share = 0.43  # fitted (methods/base.py)
     description = "bottleneck layers after attention and MLP (1-5% trainable; extra inference cost)"
     options = (OptionsSection("adapters", AdapterOptions, "Bottleneck adapter options."),)
     plan_preference = 3
