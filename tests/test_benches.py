@@ -315,3 +315,22 @@ def test_train_throughput_peak_probes_stay_outside_the_steps(monkeypatch):
     assert len(instruments.step_seconds()) == 2
     assert sum(instruments.step_seconds()) < 0.15  # two steps of ~0.01 s; the three 0.2 s probes are not in it
     assert len(instruments.rss_at_step_end) == 3 and instruments.rss_at_step_end[0] > 0  # the peak RSS at each step end
+
+
+# ---------------------------------------------------------------- forward_heap
+def test_forward_heap_quick_end_to_end():
+    record, lines = run_bench(ROOT / "bench" / "forward_heap.py", "--quick", "--json")
+    assert {"model", "threads", "rows", "slopes", "ratio"} <= set(record)
+    assert [(r["method"], r["batch"], r["seq"]) for r in record["rows"]] == [
+        ("lora", 1, 64), ("lora", 2, 128), ("adapters", 1, 64), ("adapters", 2, 128)]
+    for row in record["rows"]:
+        assert row["saved_bytes"] > 0 and row["heap_bytes"] == row["rss_growth_bytes"] - row["saved_bytes"]
+    for method, s in record["slopes"].items():  # from the rows, not constants
+        low, high = (r for r in record["rows"] if r["method"] == method)
+        tokens = high["tokens"] - low["tokens"]
+        assert s["heap_per_token"] == pytest.approx((high["heap_bytes"] - low["heap_bytes"]) / tokens)
+        assert s["saved_per_token"] == pytest.approx((high["saved_bytes"] - low["saved_bytes"]) / tokens)
+    if record["ratio"] is not None:
+        assert record["ratio"] == pytest.approx(record["slopes"]["adapters"]["heap_per_token"]
+                                                / record["slopes"]["lora"]["heap_per_token"])
+    assert lines[-1].startswith("ratio=")
