@@ -75,7 +75,7 @@ def frozen_parameter_names(model: nn.Module, config: MethodConfig) -> set[str]:
 
 class FullMethod(Method):
     name = "full"
-    cpu_fp32_heap_share = 0.48  # fitted (methods/base.py)
+    cpu_fp32_heap_share = 0.36  # fitted (methods/base.py)
     description = "every weight trains (most memory; the most capacity to change behaviour)"
     options = (OptionsSection("full", FullOptions, "Full fine-tuning options."),)
     plan_preference = 2
