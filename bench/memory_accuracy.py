@@ -17,8 +17,8 @@ on the tiny random model (models/tiny.py), 1 x 128 tokens, where weights and act
 heap retention (plan/memory.py ALLOCATOR_RETENTION["cpu"] under autocast; in fp32 each method's
 `cpu_fp32_heap_share` and CPU_FP32_CHECKPOINT_RETENTION) from the fit set: `--mini-layers 12` (a random model with
 the reference model's shapes but 12 layers) at 256/512/1024 tokens, and the reference model at 512 tokens,
-micro-batches 1 and 2 (see docs/benchmarks.md). The calibration case runs again here and is reported apart; the reported cases use other shapes
-(the reference model at 256 and 1024 tokens).
+micro-batches 1 and 2 (see docs/benchmarks.md). The calibration case runs again here and is reported apart; the
+reported cases use other shapes (the reference model at 256 and 1024 tokens).
 
 Cases (default): six methods x sequence lengths 256, 1024 x micro-batches 1, 2, + LoRA with gradient checkpointing
 at the same shapes. `--budget-check` also writes a config with `tunesmith plan --write` for a memory budget below

@@ -57,12 +57,14 @@ OVERHEAD_BYTES = {"cuda": int(1.0 * GiB), "cpu": 525 * 1024**2}
 ALLOCATOR_RETENTION = {"cuda": 0.0, "cpu": 0.4}
 # fp32 compute (CPUs without native bf16, where `precision: auto` trains in fp32, with models/fused_ops.py's norm and
 # rotary Functions). How much heap stays resident depends on the method's pattern of allocations, not only on what
-# it keeps: RSS after one forward pass minus the saved tensors, per token, was 0.65 MiB for bottleneck adapters
-# against 0.22 for LoRA and 0.19 for full fine-tuning on the reference model (2 x 1,024 tokens, docs/benchmarks.md).
+# it keeps: RSS growth over one forward pass minus the saved tensors, per token between 1 x 256 and 2 x 1,024 tokens
+# on the reference model, was 0.61 MiB for bottleneck adapters against 0.21 for LoRA and 0.14 for full fine-tuning
+# (bench/forward_heap.py, docs/benchmarks.md).
 # So each method states its own fitted share (`Method.cpu_fp32_heap_share`); CPU_FP32_RETENTION is the pooled share
 # for a method that states none. Fitted on the fit set on such a CPU (the EPYC, 2026-12-02, trainer 892a374: the
-# 12-layer model at 256/512/1,024 tokens and the reference model at 512 tokens, micro-batches 1 and 2; 30 runs
-# without checkpointing), each share minimising the worst error over its runs. Checkpointed runs of one config peak
+# 12-layer model at 256/512/1,024 tokens and the reference model at 512 tokens, micro-batches 1 and 2, + full
+# fine-tuning at 2,048 tokens on both; 32 runs without checkpointing), each share minimising the worst error over its
+# method's runs. Checkpointed runs of one config peak
 # apart by up to ~20% (CPU_CHECKPOINT_SPREAD), so their share minimises the worst error over each fit case's highest
 # run (6 LoRA cases, 10 runs; the 12-layer model at 2 x 1,024 and the reference model at 2 x 512 three times each):
 # the figure is meant for the high runs. FITTED, like the above.
